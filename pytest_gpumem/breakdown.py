@@ -1,0 +1,160 @@
+"""The one memory-breakdown type shared by estimate, simulate and measure.
+
+A :class:`Breakdown` maps each *phase* of a GRPO step to the named *components* (bytes) that are live at
+that phase's peak. Every phase's mapping is complete — it includes the persistent components (weights,
+optimizer states, vLLM's reservation, ...) as well as the phase's transients — so ``total(phase)`` is
+directly comparable with a measured per-phase peak, and the step's peak is simply the largest phase.
+
+Component names are shared vocabulary (:class:`Component`, in the spirit of torch MemTracker's category
+enum) so that an estimate, a FakeTensor simulation and a GPU measurement can be compared component by
+component. A producer may add names of its own (a measurement cannot always attribute bytes): those are
+compared by name too, and reported as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Mapping
+
+
+class Phase(str, Enum):
+    """The phases of one GRPO optimizer step on one GPU (see docs of :mod:`pytest_gpumem.estimate`)."""
+
+    PERSISTENT = "persistent"  # between phases: what never goes away
+    GENERATION = "generation"  # rollouts (vLLM or HF generate)
+    SCORING = "scoring"  # no-grad old/reference log-prob passes
+    TRAINING = "training"  # one training micro-step: forward + loss + backward
+    OPTIMIZER = "optimizer_step"  # optimizer.step()
+
+    def __str__(self) -> str:  # so f-strings print "training", not "Phase.TRAINING"
+        return self.value
+
+
+PHASE_ORDER = [p.value for p in Phase]
+
+
+class Component(str, Enum):
+    """Canonical component names (bytes)."""
+
+    CUDA_CONTEXT = "cuda_context"  # CUDA context + cuBLAS/cuDNN workspaces (non-torch)
+    WEIGHTS = "weights"  # the policy's base weights (fp32 / bf16 / NF4 + unquantised parts)
+    LORA = "lora_params"  # LoRA adapter weights
+    GRADIENTS = "gradients"  # .grad of trainable parameters
+    OPTIMIZER_STATES = "optimizer_states"  # AdamW exp_avg / exp_avg_sq (8-bit or fp32)
+    OPTIMIZER_TEMP = "optimizer_step_temp"  # foreach AdamW's step-time temporaries
+    REFERENCE = "reference_weights"  # a separate reference model (beta != 0 without PEFT)
+    VLLM_WEIGHTS = "vllm_weights"
+    VLLM_KV_CACHE = "vllm_kv_cache"
+    VLLM_ACTIVATIONS = "vllm_activations"  # vLLM's profiled activation peak
+    VLLM_CUDA_GRAPHS = "vllm_cuda_graphs"
+    VLLM_NON_TORCH = "vllm_non_torch"  # vLLM's own non-torch memory (NCCL, cuBLAS handles)
+    GENERATE_KV_CACHE = "generate_kv_cache"  # HF generate's dynamic KV cache
+    GENERATE_LOGITS = "generate_logits"  # HF generate's per-step fp32 logits rows
+    ACTIVATIONS = "activations"  # saved activations (checkpointed layer inputs, or all of them)
+    RECOMPUTED_LAYER = "recomputed_layer"  # the one layer recomputed in backward, with its grads
+    LOGITS = "logits"  # logits / log-prob temporaries (the usual biggest transient)
+    ATTENTION_MASK = "attention_mask"  # SDPA's materialised 4-D mask
+    WEIGHT_CASTS = "autocast_weight_copies"  # bf16 copies of fp32 weights under autocast
+    BATCH_BUFFERS = "batch_buffers"  # the buffered generation batch: ids, masks, advantages
+    ALLOCATOR_SLACK = "allocator_slack"  # reserved-but-unallocated (caching allocator)
+    OTHER = "other"  # measured bytes not attributed to any of the above
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Named components in bytes, per phase.
+
+    ``phases[phase][component] = bytes`` — everything live at that phase's peak.
+    ``source`` says who produced it: ``"estimate"``, ``"simulate"`` or ``"measure"``.
+    ``largest_tensors`` optionally lists ``{"name", "shape", "dtype", "bytes", "phase"}`` records (the
+    simulation and the estimate's largest single allocation).
+    """
+
+    phases: Mapping[str, Mapping[str, int]]
+    source: str = "estimate"
+    largest_tensors: tuple = field(default=())
+
+    def __post_init__(self) -> None:
+        # Normalise enum keys to their string values and drop zero components, so that two breakdowns
+        # built differently compare equal and JSON round-trips exactly.
+        normalised = {}
+        for phase, components in self.phases.items():
+            normalised[str(phase)] = {str(name): int(num_bytes) for name, num_bytes in components.items()
+                                      if int(num_bytes) != 0}
+        object.__setattr__(self, "phases", normalised)
+
+    # -- reading --------------------------------------------------------------------------------
+    def phase_names(self) -> list[str]:
+        """Phases present, in pipeline order (unknown names last, alphabetically)."""
+        known = [p for p in PHASE_ORDER if p in self.phases]
+        return known + sorted(p for p in self.phases if p not in PHASE_ORDER)
+
+    def components(self, phase: str | Phase) -> dict[str, int]:
+        return dict(self.phases.get(str(phase), {}))
+
+    def total(self, phase: str | Phase) -> int:
+        return sum(self.phases.get(str(phase), {}).values())
+
+    @property
+    def peak_phase(self) -> str | None:
+        if not self.phases:
+            return None
+        # ties go to the earlier phase in pipeline order: that is where an OOM would happen first
+        return max(self.phase_names(), key=lambda p: (self.total(p), -self.phase_names().index(p)))
+
+    @property
+    def peak_bytes(self) -> int:
+        phase = self.peak_phase
+        return self.total(phase) if phase is not None else 0
+
+    def top_components(self, phase: str | Phase | None = None, n: int = 3) -> list[tuple[str, int]]:
+        """The ``n`` largest components of ``phase`` (default: the peak phase), largest first."""
+        phase = self.peak_phase if phase is None else str(phase)
+        items = sorted(self.components(phase).items(), key=lambda kv: (-kv[1], kv[0]))
+        return items[:n]
+
+    def component_names(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for phase in self.phase_names():
+            for name in self.phases[phase]:
+                seen.setdefault(name, None)
+        return list(seen)
+
+    # -- comparing ------------------------------------------------------------------------------
+    def diff(self, other: "Breakdown") -> dict[str, dict[str, int]]:
+        """``other − self`` per phase and component (only non-zero deltas)."""
+        result: dict[str, dict[str, int]] = {}
+        for phase in sorted(set(self.phases) | set(other.phases), key=_phase_sort_key):
+            mine, theirs = self.phases.get(phase, {}), other.phases.get(phase, {})
+            deltas = {name: theirs.get(name, 0) - mine.get(name, 0)
+                      for name in sorted(set(mine) | set(theirs))}
+            deltas = {name: delta for name, delta in deltas.items() if delta}
+            if deltas:
+                result[phase] = deltas
+        return result
+
+    # -- serialising ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = {"source": self.source,
+                "phases": {phase: dict(self.phases[phase]) for phase in self.phase_names()},
+                "peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes}
+        if self.largest_tensors:
+            data["largest_tensors"] = [dict(t) for t in self.largest_tensors]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Breakdown":
+        return cls(phases=data["phases"], source=data.get("source", "estimate"),
+                   largest_tensors=tuple(data.get("largest_tensors", ())))
+
+    @classmethod
+    def from_phases(cls, phases: Iterable[tuple[str | Phase, Mapping[str, int]]], source: str) -> "Breakdown":
+        return cls(phases={str(p): dict(c) for p, c in phases}, source=source)
+
+
+def _phase_sort_key(phase: str) -> tuple[int, str]:
+    return (PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER), phase)

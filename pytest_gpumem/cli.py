@@ -1,0 +1,50 @@
+"""The ``gpumem`` command line. Each subcommand lives in the module that does the work; this file only
+dispatches. Exit codes: 0 fits / ok, 1 does not fit / check failed, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import GpuMemError
+
+# name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "estimate": ("pytest_gpumem.estimate_cli", "predict the GPU memory of a GRPO setup, phase by phase"),
+    "models": ("pytest_gpumem.models_cli", "list the built-in model registry"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpumem", description="GPU memory of GRPO training: estimate, "
+                                     "simulate, measure, explain.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"pytest-gpumem {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except GpuMemError as exc:
+        print(f"gpumem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `gpumem models | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

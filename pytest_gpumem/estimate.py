@@ -1,0 +1,553 @@
+"""The analytic memory model of one GRPO step on one GPU — pure Python, no torch.
+
+Peak ≈ CUDA context + persistent + max(generation, scoring, training, optimizer-step transients) + slack
+(shared/docs/memory-model.md §1). Each phase of the returned :class:`~pytest_gpumem.breakdown.Breakdown`
+lists everything live at that phase's peak, so the step's peak is the largest phase. The model is of the
+steady state (optimizer states exist; step ≥ 2), which is what a long run lives in.
+
+Notation (memory-model.md): b = per_device_train_batch_size, G = num_generations, P / C = prompt /
+completion tokens, L = P + C, V = vocab, h = hidden, I = MLP intermediate, n_l = layers, Ψ = parameters.
+Every formula below cites where it comes from; numbers "measured on CPU" come from live-tensor accounting
+of TRL's exact op sequence and are checked against the FakeTensor simulation (tests/test_accuracy_matrix.py)
+and, where a session had a GPU, against measurements committed under validation/.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .breakdown import Breakdown, Component, Phase
+from .errors import GpuMemError
+from .gpus import GPU, resolve_gpu
+from .models import ModelSpec
+from .spec import OPTIMIZERS, GRPOSetup
+from .units import GIB, MIB, format_gib
+
+# -- constants, each with its source ----------------------------------------------------------------
+#: CUDA context + cuBLAS/cuDNN workspaces: "≈ 0.3–0.6 GiB typical (0.2–1.3 GiB seen)" (memory-model.md §6).
+CUDA_CONTEXT_BYTES = 512 * MIB
+#: reserved − allocated of the caching allocator: "0–10% seen" (memory-model.md §6); the middle is used.
+ALLOCATOR_SLACK_FRACTION = 0.05
+#: NF4 bytes per quantised parameter: 4 bits + one fp32 absmax per 64 weights (QLoRA, arXiv:2305.14314).
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
+#: with double quantisation (8-bit absmax per 64, fp32 per 256 blocks) ≈ 4.127 bits (memory-model.md §4).
+NF4_DOUBLE_QUANT_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+#: materialised fp32 logits (TRL ≤ 1.15 / accelerate's convert_outputs_to_fp32), bytes per element of b·C·V,
+#: measured on CPU (memory-model.md §2.1 table): forward peak, retained to backward, backward peak, scoring.
+MATERIALIZED_FP32_LOGITS_BYTES = {"forward": 8.96, "retained": 4.2, "backward": 16.3, "scoring": 6.1}
+#: TRL 1.16 chunked log-prob kernel (trl/kernels/chunked_logprob.py): tokens and vocab per projection tile.
+CHUNKED_TOKEN_TILE = 4096
+CHUNKED_VOCAB_TILE = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE
+#: Unsloth's chunked_hidden_states_selective_log_softmax: bf16 logits + fp32 copy per chunk ≈ 10 B/element.
+UNSLOTH_CHUNK_BYTES_PER_LOGIT = 10
+#: vLLM: TRL colocate passes max_num_batched_tokens=4096 (trl/generation/vllm_generation.py).
+VLLM_MAX_BATCHED_TOKENS = 4096
+#: vLLM non-torch memory (NCCL, cuBLAS handles): 0.07–0.13 GiB in published single-GPU start-up logs.
+VLLM_NON_TORCH_BYTES = int(0.13 * GIB)
+#: vLLM CUDA graphs: "0.3–1.5 GiB typically (0.36, 0.65 for gemma-3-4b)" (memory-model.md §3); TRL does not
+#: pass enforce_eager, so graphs are captured and counted inside the budget (vLLM ≥ 0.21).
+VLLM_CUDA_GRAPH_BYTES = int(0.5 * GIB)
+#: HF-style decoder block, bf16, sdpa, no checkpointing: saved bytes per token per layer ≈ 16h + 10h + 8I
+#: (measured on CPU, memory-model.md §5).
+ACT_H_COEFF, ACT_I_COEFF = 26, 8
+#: eager attention materialises scores and probabilities: heads × L² per layer in the compute dtype, twice.
+EAGER_SCORE_COPIES = 2
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The predicted memory of one GRPO step: a :class:`Breakdown` plus what an OOM would report."""
+
+    setup: GRPOSetup
+    model: ModelSpec
+    breakdown: Breakdown
+    gpu: GPU | None
+    largest_allocation_bytes: int
+    largest_allocation_name: str
+    assumptions: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.breakdown.peak_bytes
+
+    @property
+    def peak_phase(self) -> str:
+        return self.breakdown.peak_phase
+
+    @property
+    def total_bytes(self) -> int | None:
+        return self.gpu.total_bytes if self.gpu else None
+
+    def fits(self, total_bytes: int | None = None, headroom: float = 0.0) -> bool:
+        """Whether the peak stays under ``total_bytes × (1 − headroom)`` and vLLM can start."""
+        total = self.total_bytes if total_bytes is None else total_bytes
+        if total is None:
+            raise GpuMemError("gpu", "no GPU size to judge the fit against", fix="pass gpu='24GiB' or a card name")
+        if any(w.startswith("vLLM would refuse") for w in self.warnings) and total_bytes is None:
+            return False
+        return self.peak_bytes <= total * (1 - headroom)
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.total_bytes is None else self.total_bytes - self.peak_bytes
+
+    def summary(self) -> str:
+        """One line: the peak, its phase and the three largest components."""
+        top = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in self.breakdown.top_components())
+        return f"predicted peak {format_gib(self.peak_bytes)} in the {self.peak_phase} phase: {top}"
+
+    def to_dict(self) -> dict[str, Any]:
+        spec = self.model
+        return {
+            "peak_bytes": self.peak_bytes,
+            "peak_phase": self.peak_phase,
+            "largest_allocation_bytes": self.largest_allocation_bytes,
+            "largest_allocation_name": self.largest_allocation_name,
+            "fits": self.fits() if self.gpu else None,
+            "total_bytes": self.total_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "gpu": self.gpu.to_dict() if self.gpu else None,
+            "phases": self.breakdown.to_dict()["phases"],
+            "assumptions": list(self.assumptions),
+            "warnings": list(self.warnings),
+            "setup": self.setup.to_dict(),
+            "model": {"name": spec.name, "num_params": spec.num_params, "model_type": spec.model_type,
+                      "source": spec.source, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+                      "num_hidden_layers": spec.num_hidden_layers},
+        }
+
+
+def _coerce_setup(setup: GRPOSetup | Mapping | str | Path) -> GRPOSetup:
+    if isinstance(setup, GRPOSetup):
+        return setup
+    if isinstance(setup, Mapping):
+        return GRPOSetup.from_dict(setup)
+    if isinstance(setup, (str, Path)):
+        return GRPOSetup.from_file(setup)
+    raise GpuMemError("setup", f"expected a GRPOSetup, dict or file path, got {type(setup).__name__}",
+                      fix="pass GRPOSetup.from_dict({...}) or a path to a JSON/TOML setup")
+
+
+def estimate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | None = None) -> Estimate:
+    """Predict the per-phase memory of ``setup`` (optionally judged against ``gpu``: a size or card name)."""
+    return _Model(_coerce_setup(setup), resolve_gpu(gpu)).run()
+
+
+class _Model:
+    """One estimate's working state; each method computes one consumer of memory-model.md."""
+
+    def __init__(self, setup: GRPOSetup, gpu: GPU | None):
+        self.setup = setup
+        self.spec = setup.model_spec
+        self.gpu = gpu
+        self.assumptions: list[str] = list(setup.resolution_notes)
+        self.warnings: list[str] = []
+        self.tensors: list[tuple[str, str, int]] = []  # (phase, description, bytes) for largest allocation
+
+    # -- sizes of things ------------------------------------------------------------------------
+    @property
+    def weight_bytes_per_param(self) -> int:
+        return DTYPE_BYTES[self.setup.dtype]
+
+    @property
+    def residual_bytes(self) -> int:
+        """The residual stream's dtype: fp32 weights under bf16 autocast keep an fp32 residual stream
+        (linears emit bf16, the adds promote to fp32); bf16 weights keep it bf16."""
+        return 4 if self.setup.dtype == "float32" else 2
+
+    def lora_params(self) -> int:
+        """LoRA (PEFT): an adapted Linear adds ``r · (in + out)`` (memory-model.md §4)."""
+        if not self.setup.is_lora:
+            return 0
+        shapes = self.spec.linear_shapes()
+        per_layer = sum(shapes[name][0] + shapes[name][1] for name in self.setup.resolve_target_modules())
+        return self.setup.lora_rank * per_layer * self.spec.num_hidden_layers
+
+    def lora_bytes_per_param(self) -> int:
+        """PEFT adapters are fp32 (autocast_adapter_dtype=True); TRL casts them to bf16 for a quantised base
+        (trl/trainer/grpo_trainer.py: "When using QLoRA, the PEFT adapter weights are converted to bf16")."""
+        if self.setup.load_in_4bit and self.setup.backend == "trl":
+            return 2
+        return 4
+
+    def base_weight_bytes(self) -> int:
+        """Policy weights: Ψ × dtype bytes, or NF4 linears + 16/32-bit embeddings, head and norms."""
+        spec, setup = self.spec, self.setup
+        if setup.load_in_4bit:
+            quantised = spec.linear_params()
+            per_param = NF4_DOUBLE_QUANT_BYTES_PER_PARAM if setup.backend == "unsloth" else NF4_BYTES_PER_PARAM
+            rest = spec.num_params - quantised
+            return int(quantised * per_param) + rest * self.weight_bytes_per_param
+        weights = spec.num_params * self.weight_bytes_per_param
+        if setup.cast_lm_head_to_fp32 and self.weight_bytes_per_param == 2:
+            weights += spec.vocab_size * spec.hidden_size * 2  # lm_head (or the tied embedding) in fp32
+        return weights
+
+    def trainable_params(self) -> int:
+        return self.lora_params() if self.setup.is_lora else self.spec.num_params
+
+    def trainable_bytes_per_param(self) -> int:
+        return self.lora_bytes_per_param() if self.setup.is_lora else self.weight_bytes_per_param
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> Estimate:
+        setup = self.setup
+        self._note_assumptions()
+        persistent = self.persistent()
+        phases: dict[str, dict[str, int]] = {Phase.PERSISTENT.value: dict(persistent)}
+        phases[Phase.GENERATION.value] = self._with_slack({**persistent, **self.generation()})
+        scoring = self.scoring()
+        if scoring is not None:
+            phases[Phase.SCORING.value] = self._with_slack({**self._persistent_awake(persistent), **scoring})
+        phases[Phase.TRAINING.value] = self._with_slack({**self._persistent_awake(persistent), **self.training()})
+        phases[Phase.OPTIMIZER.value] = self._with_slack({**self._persistent_awake(persistent), **self.optimizer_step()})
+        phases[Phase.PERSISTENT.value] = self._with_slack(self._persistent_awake(persistent))
+        breakdown = Breakdown(phases=phases, source="estimate")
+        peak_phase = breakdown.peak_phase
+        candidates = [t for t in self.tensors if t[0] == peak_phase] or self.tensors
+        largest = max(candidates, key=lambda t: t[2]) if candidates else (peak_phase, "none", 0)
+        self._check_vllm(persistent)
+        if setup.use_vllm and setup.vllm_mode == "server":
+            self.assumptions.append("vllm_mode='server': vLLM runs on other GPUs, none of its memory is on this one")
+        return Estimate(setup=setup, model=self.spec, breakdown=breakdown, gpu=self.gpu,
+                        largest_allocation_bytes=int(largest[2]), largest_allocation_name=largest[1],
+                        assumptions=tuple(self.assumptions), warnings=tuple(self.warnings))
+
+    def _note_assumptions(self) -> None:
+        setup, explicit = self.setup, self.setup.explicit_fields
+        if setup.backend == "trl" and "logits" not in explicit:
+            mode = "chunked log-probs (fused lm_head)" if setup.logits == "chunked" else "materialised fp32 logits"
+            self.assumptions.append(f"trl {setup.trl_version} → {mode}")
+        if "dtype" not in explicit and setup.backend == "trl":
+            self.assumptions.append("dtype not given: TRL loads a model given by name in float32 "
+                                    "(set dtype='bfloat16' if you pass model_init_kwargs={'dtype': torch.bfloat16})")
+        if "max_prompt_length" not in explicit and "max_seq_length" not in explicit:
+            self.assumptions.append(f"max_prompt_length not given: prompts assumed ≤ {setup.max_prompt_length} tokens "
+                                    "(TRL ≥ 0.28 does not truncate prompts)")
+        if setup.is_lora and "lora_target_modules" not in explicit:
+            self.assumptions.append(f"lora_target_modules not given: {', '.join(setup.resolve_target_modules())} "
+                                    f"({'Unsloth' if setup.backend == 'unsloth' else 'PEFT'}'s default)")
+        if setup.load_in_4bit:
+            self.assumptions.append("4-bit base: NF4 linears, embeddings/head/norms unquantised; dequantisation is "
+                                    "transient, one layer at a time")
+        if self.spec.is_moe:
+            self.assumptions.append("MoE: all experts' weights are resident; activations use the active experts "
+                                    f"({self.spec.num_experts_per_tok} of {self.spec.num_experts})")
+
+    # -- persistent -----------------------------------------------------------------------------
+    def persistent(self) -> dict[str, int]:
+        """Context, weights, LoRA, optimizer states, reference model, vLLM reservation, batch buffers
+        (memory-model.md §1.1). Gradients are not persistent: ``zero_grad(set_to_none=True)`` frees them."""
+        setup, spec = self.setup, self.spec
+        parts = {Component.CUDA_CONTEXT.value: CUDA_CONTEXT_BYTES}
+        parts[Component.WEIGHTS.value] = self.base_weight_bytes()
+        if setup.is_lora:
+            parts[Component.LORA.value] = self.lora_params() * self.lora_bytes_per_param()
+        state_bytes, _ = OPTIMIZERS[setup.optim]
+        if setup.optim.startswith(("adamw_torch", "adamw_hf", "paged_adamw_32")):
+            # torch AdamW keeps exp_avg / exp_avg_sq in the parameter's dtype: 2 × param bytes
+            state_bytes = 2 * self.trainable_bytes_per_param()
+        parts[Component.OPTIMIZER_STATES.value] = int(self.trainable_params() * state_bytes)
+        if setup.beta != 0 and not setup.is_lora:
+            # a full second model, loaded by the same dtype rule (memory-model.md §2)
+            parts[Component.REFERENCE.value] = spec.num_params * self.weight_bytes_per_param
+        parts.update(self.vllm_reservation())
+        if setup.backend == "unsloth" and setup.use_vllm:
+            # fast_inference: the training model is built on vLLM's tensors — one copy of the base weights
+            parts[Component.WEIGHTS.value] = 0
+        rows = setup.generation_batch_size
+        # the buffered generation batch: ids + masks (int64), old/ref log-probs and advantages (fp32)
+        parts[Component.BATCH_BUFFERS.value] = rows * setup.seq_len * (8 + 8 + 4 + 4)
+        return parts
+
+    def vllm_reservation(self) -> dict[str, int]:
+        """Colocated vLLM: ``gpu_memory_utilization × total`` split into weights, activation peak, non-torch,
+        CUDA graphs and KV cache (the pool fills the rest of the budget; memory-model.md §3)."""
+        setup, spec = self.setup, self.spec
+        if not setup.use_vllm or setup.vllm_mode != "colocate":
+            return {}
+        if setup.load_in_4bit:
+            vllm_weights = int(spec.linear_params() * NF4_BYTES_PER_PARAM) + (spec.num_params - spec.linear_params()) * 2
+        else:
+            vllm_weights = spec.num_params * 2  # bf16 from the checkpoint's dtype
+        activations = self.vllm_activation_peak()
+        fixed = vllm_weights + activations + VLLM_NON_TORCH_BYTES + VLLM_CUDA_GRAPH_BYTES
+        if self.gpu is not None:
+            total = self.gpu.total_bytes
+            if setup.backend == "unsloth":
+                # Unsloth scales the utilisation by the memory free when vLLM starts (first, on an empty card)
+                budget = int(setup.vllm_gpu_memory_utilization * (total - CUDA_CONTEXT_BYTES))
+            else:
+                budget = int(setup.vllm_gpu_memory_utilization * total)
+            kv_cache = budget - fixed
+        else:
+            # without a card the reservation is unknown: size the KV pool for one generation batch
+            kv_cache = self.kv_cache_needed()
+            self.assumptions.append("no GPU given: vLLM's KV cache sized for one generation batch; on a card it "
+                                    "fills gpu_memory_utilization × total — pass gpu= for the real reservation")
+        return {Component.VLLM_WEIGHTS.value: vllm_weights, Component.VLLM_ACTIVATIONS.value: activations,
+                Component.VLLM_NON_TORCH.value: VLLM_NON_TORCH_BYTES,
+                Component.VLLM_CUDA_GRAPHS.value: VLLM_CUDA_GRAPH_BYTES,
+                Component.VLLM_KV_CACHE.value: max(kv_cache, 0)}
+
+    def vllm_activation_peak(self) -> int:
+        """vLLM profiles one dummy forward of max_num_batched_tokens tokens: the MLP's gate/up outputs and
+        activation (3·I) plus norms/attention (4·h) in bf16, and the sampler's fp32 logits for max_num_seqs rows.
+        Checked against the measured 0.32 GiB at 4096 tokens for a 7.56 GiB model (memory-model.md §3)."""
+        spec = self.spec
+        intermediate = spec.moe_intermediate_size * spec.num_experts_per_tok if spec.is_moe else spec.intermediate_size
+        tokens = VLLM_MAX_BATCHED_TOKENS
+        max_num_seqs = self.setup.generation_batch_size
+        return tokens * (3 * intermediate + 4 * spec.hidden_size) * 2 + max_num_seqs * spec.vocab_size * 4 * 2
+
+    def kv_cache_needed(self) -> int:
+        """KV bytes for one generation batch: ``rows · Σ_layers 2 · kv_heads · head_dim · 2 B · tokens``;
+        sliding-window layers keep at most ``window`` tokens (memory-model.md §2 and §3)."""
+        spec, setup = self.spec, self.setup
+        per_layer_token = 2 * spec.kv_out * 2
+        full_tokens = setup.seq_len
+        sliding_tokens = min(setup.seq_len, spec.sliding_window or setup.seq_len)
+        per_row = per_layer_token * (spec.num_full_attention_layers * full_tokens
+                                     + spec.num_sliding_layers * sliding_tokens)
+        return setup.generation_batch_size * per_row
+
+    def _persistent_awake(self, persistent: dict[str, int]) -> dict[str, int]:
+        """Outside generation, sleep mode (level 2) frees vLLM's weights and KV cache; graphs, non-torch and
+        the context stay (memory-model.md §3)."""
+        if not (self.setup.use_vllm and self.setup.vllm_mode == "colocate" and self.setup.vllm_enable_sleep_mode):
+            return dict(persistent)
+        return {k: v for k, v in persistent.items()
+                if k not in (Component.VLLM_WEIGHTS.value, Component.VLLM_KV_CACHE.value,
+                             Component.VLLM_ACTIVATIONS.value)}
+
+    # -- generation -----------------------------------------------------------------------------
+    def generation(self) -> dict[str, int]:
+        """Rollouts of the whole local generation batch (b × steps_per_generation rows) at once.
+        vLLM: its reservation is already persistent. HF generate: dynamic KV cache of all rows, a (rows, V)
+        fp32 logits row per step and the prefill's transient (memory-model.md §1.2)."""
+        setup, spec = self.setup, self.spec
+        if setup.use_vllm:
+            return {}
+        rows = setup.generation_batch_size
+        kv_cache = self.kv_cache_needed()
+        self.tensors.append((Phase.GENERATION.value, f"generate KV cache, one layer ({rows} rows × {setup.seq_len} tokens)",
+                             kv_cache // max(spec.num_hidden_layers, 1)))
+        # logits of the last position, upcast to fp32 by generate, plus the softmax/sampling copy
+        logits = rows * spec.vocab_size * 4 * 2
+        # the prefill runs the prompt through one layer at a time under no_grad: MLP gate/up/act + 4 h-sized
+        prefill = rows * setup.max_prompt_length * (3 * spec.intermediate_size + 4 * spec.hidden_size) * 2
+        return {Component.GENERATE_KV_CACHE.value: kv_cache, Component.GENERATE_LOGITS.value: logits,
+                Component.ACTIVATIONS.value: prefill}
+
+    # -- scoring --------------------------------------------------------------------------------
+    def scoring_passes(self) -> list[str]:
+        """Which no-grad log-prob passes run (memory-model.md §2): old log-probs when
+        ``GA % (steps_per_generation × num_iterations) != 0`` or vLLM with importance-sampling correction;
+        reference log-probs when ``beta != 0``."""
+        setup = self.setup
+        passes = []
+        if (setup.gradient_accumulation_steps % (setup.steps_per_generation * setup.num_iterations) != 0
+                or (setup.use_vllm and setup.vllm_importance_sampling_correction)):
+            passes.append("old log-probs")
+        if setup.beta != 0:
+            passes.append("reference log-probs")
+        return passes
+
+    def scoring(self) -> dict[str, int] | None:
+        """A no-grad forward over b rows (checkpointing off): one layer's transient plus the log-prob path."""
+        if not self.scoring_passes():
+            return None
+        setup, spec = self.setup, self.spec
+        b, length = setup.per_device_train_batch_size, setup.seq_len
+        layer_transient = b * length * (ACT_H_COEFF * spec.hidden_size * self.residual_bytes // 2
+                                        + ACT_I_COEFF * self._active_intermediate()) // 4
+        parts = {Component.ACTIVATIONS.value: layer_transient,
+                 Component.LOGITS.value: self.logits_bytes("scoring"),
+                 Component.ATTENTION_MASK.value: self.mask_bytes()}
+        return parts
+
+    # -- training -------------------------------------------------------------------------------
+    def _active_intermediate(self) -> int:
+        spec = self.spec
+        if spec.is_moe:
+            return spec.num_experts_per_tok * (spec.moe_intermediate_size or spec.intermediate_size)
+        return spec.intermediate_size
+
+    def layer_activation_bytes_per_token(self) -> int:
+        """Saved activations of one block without checkpointing: ≈ 26h + 8I bytes/token at bf16 (sdpa),
+        the h-part doubled for an fp32 residual stream; eager attention adds heads × L scores twice."""
+        spec = self.spec
+        per_token = ACT_H_COEFF * spec.hidden_size * self.residual_bytes // 2 + ACT_I_COEFF * self._active_intermediate()
+        if self.setup.attn_implementation == "eager":
+            per_token += EAGER_SCORE_COPIES * spec.num_attention_heads * self.setup.seq_len * 2
+        return per_token
+
+    def saved_activations(self) -> int:
+        """What the forward keeps for backward (memory-model.md §5): with checkpointing exactly one layer input
+        per layer (h × residual bytes per token) plus ≈ 2h × residual bytes after the final norm; Unsloth's
+        offloaded checkpointing keeps ~2 layer-input buffers on the GPU; without checkpointing every block's."""
+        setup, spec = self.setup, self.spec
+        tokens = setup.per_device_train_batch_size * setup.seq_len
+        h = spec.hidden_size
+        if setup.gradient_checkpointing == "unsloth":
+            return tokens * h * 2 * 2 + tokens * 2 * h * self.residual_bytes
+        if setup.gradient_checkpointing:
+            return tokens * h * self.residual_bytes * (spec.num_hidden_layers + 2)
+        return tokens * (self.layer_activation_bytes_per_token() * spec.num_hidden_layers
+                         + 2 * h * self.residual_bytes)
+
+    def recomputed_layer(self) -> int:
+        """Under checkpointing, backward recomputes one block at a time and holds its activations plus the
+        incoming and outgoing hidden-state gradients."""
+        setup = self.setup
+        if not setup.gradient_checkpointing:
+            return 0
+        tokens = setup.per_device_train_batch_size * setup.seq_len
+        return tokens * (self.layer_activation_bytes_per_token() + 2 * self.spec.hidden_size * self.residual_bytes)
+
+    def mask_bytes(self) -> int:
+        """SDPA with padding materialises a 4-D bool mask ≈ b·L² bytes; eager an additive mask in the compute
+        dtype; FlashAttention none (memory-model.md §2)."""
+        setup = self.setup
+        b, length = setup.per_device_train_batch_size, setup.seq_len
+        if setup.attn_implementation.startswith("flash"):
+            return 0
+        if setup.attn_implementation == "eager":
+            return b * length * length * 2
+        return b * length * length
+
+    def logits_bytes(self, when: str) -> int:
+        """The log-prob path's transient for ``when`` in (forward, backward, scoring).
+
+        materialised: the multipliers of memory-model.md §2.1 × b·C·V (fp32 logits through accelerate).
+        chunked (TRL 1.16 ``ChunkedLogProbFunction``): a [4096, 32768] projection tile in the compute dtype,
+        the compacted completion hidden states, fp32 per-token statistics; in backward an fp32 grad of those
+        hidden states and, when the head is trained (full fine-tuning), an fp32 [V, h] weight gradient.
+        Unsloth: per chunk ``tokens × V × 10 B`` (bf16 logits + fp32 copy)."""
+        setup, spec = self.setup, self.spec
+        b, completion = setup.per_device_train_batch_size, setup.max_completion_length
+        vocab, h = spec.vocab_size, spec.hidden_size
+        phase = Phase.SCORING.value if when == "scoring" else Phase.TRAINING.value
+        if setup.backend == "unsloth":
+            length = setup.seq_len
+            tokens_per_chunk = -(-length // max(4, length // 4096))
+            chunk = tokens_per_chunk * vocab * UNSLOTH_CHUNK_BYTES_PER_LOGIT
+            self.tensors.append((phase, f"Unsloth logits chunk ({tokens_per_chunk}, {vocab}) float32",
+                                 tokens_per_chunk * vocab * 4))
+            return chunk
+        if setup.logits == "materialized" and not setup.use_liger_kernel:
+            elements = b * completion * vocab
+            self.tensors.append((phase, f"logits ({b}, {completion + 1}, {vocab}) float32",
+                                 b * (completion + 1) * vocab * 4))
+            return int(elements * MATERIALIZED_FP32_LOGITS_BYTES[when])
+        # chunked / fused head (Liger's fused linear cross-entropy is chunked the same way)
+        tokens = b * completion
+        compute_bytes = 4 if setup.cast_lm_head_to_fp32 else 2
+        tile = min(tokens, CHUNKED_TOKEN_TILE) * min(vocab, CHUNKED_VOCAB_TILE) * compute_bytes
+        weight_tile_copy = min(vocab, CHUNKED_VOCAB_TILE) * h * compute_bytes if self.weight_bytes_per_param != compute_bytes else 0
+        hidden_compact = tokens * h * self.residual_bytes
+        statistics = tokens * 4 * 8
+        self.tensors.append((phase, f"log-prob tile ({min(tokens, CHUNKED_TOKEN_TILE)}, "
+                                    f"{min(vocab, CHUNKED_VOCAB_TILE)}) {'float32' if compute_bytes == 4 else 'bfloat16'}",
+                             tile))
+        total = tile + weight_tile_copy + hidden_compact + statistics
+        if when == "backward":
+            total += tokens * h * 4  # fp32 grad of the hidden states
+            if not setup.is_lora:
+                head_grad = vocab * h * 4
+                self.tensors.append((phase, f"lm_head weight grad ({vocab}, {h}) float32", head_grad))
+                total += head_grad
+        return total
+
+    def training(self) -> dict[str, int]:
+        """One micro-step. Two candidate peaks (the larger is reported):
+        A — backward starts at the head: saved activations + the log-prob path's backward transient, with
+            gradients from earlier micro-steps when gradient_accumulation_steps > 1;
+        B — inside the backward of the blocks: all gradients + saved activations + the recomputed block."""
+        setup = self.setup
+        grads = self.trainable_params() * self.trainable_bytes_per_param()
+        grads_before = grads if setup.gradient_accumulation_steps > 1 else 0
+        activations = self.saved_activations()
+        mask = self.mask_bytes()
+        casts = self.autocast_weight_copies()
+        candidate_a = {Component.GRADIENTS.value: grads_before, Component.ACTIVATIONS.value: activations,
+                       Component.LOGITS.value: self.logits_bytes("backward"), Component.ATTENTION_MASK.value: mask,
+                       Component.WEIGHT_CASTS.value: casts}
+        candidate_b = {Component.GRADIENTS.value: grads, Component.ACTIVATIONS.value: activations,
+                       Component.RECOMPUTED_LAYER.value: self.recomputed_layer(),
+                       Component.ATTENTION_MASK.value: mask if setup.gradient_checkpointing else 0,
+                       Component.WEIGHT_CASTS.value: casts}
+        self.tensors.append((Phase.TRAINING.value, f"checkpointed layer input ({setup.per_device_train_batch_size}, "
+                                                   f"{setup.seq_len}, {self.spec.hidden_size})",
+                             setup.per_device_train_batch_size * setup.seq_len * self.spec.hidden_size * self.residual_bytes))
+        return max(candidate_a, candidate_b, key=lambda parts: sum(parts.values()))
+
+    def autocast_weight_copies(self) -> int:
+        """fp32 weights under bf16 autocast: each Linear's weight is cast to bf16 per forward and the casts are
+        saved for backward; under checkpointing only the block being recomputed holds its casts."""
+        spec, setup = self.spec, self.setup
+        if setup.dtype != "float32" or setup.load_in_4bit:
+            return 0
+        per_layer = spec.linear_params() // max(spec.num_hidden_layers, 1)
+        if setup.gradient_checkpointing:
+            return per_layer * 2
+        return spec.linear_params() * 2
+
+    # -- optimizer step -------------------------------------------------------------------------
+    def optimizer_step(self) -> dict[str, int]:
+        """``optimizer.step()`` after the last micro-step: all gradients, plus foreach AdamW's state-sized
+        temporary (memory-model.md §2: adamw_torch allocates one extra buffer; fused none)."""
+        setup = self.setup
+        grads = self.trainable_params() * self.trainable_bytes_per_param()
+        _, temp_per_param = OPTIMIZERS[setup.optim]
+        temp = self.trainable_params() * (self.trainable_bytes_per_param() if temp_per_param else 0)
+        return {Component.GRADIENTS.value: grads, Component.OPTIMIZER_TEMP.value: temp}
+
+    # -- slack and checks -----------------------------------------------------------------------
+    def _with_slack(self, parts: dict[str, int]) -> dict[str, int]:
+        """Caching-allocator slack on torch's own allocations (not the context nor vLLM's pool)."""
+        torch_bytes = sum(v for k, v in parts.items() if k != Component.CUDA_CONTEXT.value
+                          and not k.startswith("vllm_"))
+        parts[Component.ALLOCATOR_SLACK.value] = int(torch_bytes * ALLOCATOR_SLACK_FRACTION)
+        return parts
+
+    def _check_vllm(self, persistent: dict[str, int]) -> None:
+        """vLLM refuses to start when free memory < util × total; its KV pool must hold one full sequence."""
+        setup = self.setup
+        if not setup.use_vllm or setup.vllm_mode != "colocate" or self.gpu is None:
+            return
+        total = self.gpu.total_bytes
+        desired = int(setup.vllm_gpu_memory_utilization * total)
+        if setup.backend == "trl":
+            # in colocate mode the policy (and a reference model) is on the GPU before vLLM starts
+            already = CUDA_CONTEXT_BYTES + persistent.get(Component.WEIGHTS.value, 0) \
+                + persistent.get(Component.LORA.value, 0) + persistent.get(Component.REFERENCE.value, 0)
+            free = total - already
+            if free < desired:
+                self.warnings.append(
+                    f"vLLM would refuse to start: free memory on device ({format_gib(free)}) is less than desired GPU "
+                    f"memory utilization ({setup.vllm_gpu_memory_utilization} × {format_gib(total)} = "
+                    f"{format_gib(desired)}); lower vllm_gpu_memory_utilization to ≤ {free / total:.2f}")
+        kv_cache = persistent.get(Component.VLLM_KV_CACHE.value, 0)
+        one_sequence = self.kv_cache_needed() // setup.generation_batch_size
+        if kv_cache < one_sequence:
+            self.warnings.append(
+                f"vLLM would refuse to start: its KV cache ({format_gib(kv_cache)}) cannot hold one sequence of "
+                f"{setup.seq_len} tokens ({format_gib(one_sequence)}); raise vllm_gpu_memory_utilization or shorten "
+                "max_prompt_length + max_completion_length")
+
+
+def load_setup_arg(value: str) -> GRPOSetup:
+    """``--setup`` accepts a file path or inline JSON."""
+    if value.lstrip().startswith("{"):
+        try:
+            return GRPOSetup.from_dict(json.loads(value))
+        except json.JSONDecodeError as exc:
+            raise GpuMemError("--setup", f"inline JSON is invalid: {exc}", fix="quote the JSON or use a file") from None
+    return GRPOSetup.from_file(value)

@@ -1,0 +1,471 @@
+"""What is trained: :class:`GRPOSetup`, with TRL's ``GRPOConfig`` names so users can paste their config.
+
+Defaults are the backend's own (TRL's ``GRPOConfig`` for ``"trl"``, Unsloth's for ``"unsloth"``) and are
+written once, in :data:`BACKEND_DEFAULTS`. A setup always holds concrete values after construction;
+``explicit_fields`` remembers which ones the user gave, so the estimate can say what it assumed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import SetupError
+from .models import ModelSpec, resolve_model
+
+#: The newest TRL version whose memory behaviour is modelled (its GRPO log-prob path).
+NEWEST_MODELLED_TRL = "1.16.0"
+#: First TRL release whose GRPOTrainer computes log-probs with the fused/chunked lm_head
+#: (``trl/kernels/chunked_logprob.py``, ``add_fused_lm_head``); earlier ones materialise (b, C+1, V) logits.
+FIRST_CHUNKED_TRL = (1, 16)
+
+BACKENDS = ("trl", "unsloth")
+LOGITS_MODES = ("materialized", "chunked")
+DTYPES = ("float32", "bfloat16", "float16")
+VLLM_MODES = ("colocate", "server")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+#: Optimizers whose memory is modelled: name -> (state bytes per trainable param, step temp bytes per param)
+OPTIMIZERS = {
+    "adamw_torch_fused": (8, 0),  # fused: no step-time temporaries
+    "adamw_torch": (8, 4),  # foreach: one state-sized fp32 buffer inside step()
+    "adamw_hf": (8, 4),
+    "adamw_8bit": (2, 0),  # bitsandbytes blockwise 8-bit m and v
+    "paged_adamw_8bit": (2, 0),
+    "adamw_bnb_8bit": (2, 0),
+    "paged_adamw_32bit": (8, 0),
+    "sgd": (0, 0),
+    "adafactor": (0, 0),  # factored second moment: O(rows + cols), modelled as negligible
+}
+
+# The backends' own defaults. TRL: GRPOConfig / TrainingArguments of trl 1.16; Unsloth: GRPOConfig
+# patches, FastLanguageModel.from_pretrained and get_peft_model defaults (shared/docs/memory-model.md §2, §3.2).
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "trl": {
+        "dtype": "float32",  # a model given by name loads in fp32 unless model_init_kwargs sets dtype
+        "load_in_4bit": False,
+        "lora_rank": None,  # full fine-tuning unless a peft_config is passed
+        "lora_target_modules": None,  # -> PEFT's default for the architecture (see resolve_target_modules)
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "steps_per_generation": None,  # -> gradient_accumulation_steps
+        "num_iterations": 1,
+        "num_generations": 8,
+        "max_prompt_length": 512,  # removed from TRL 0.28 (prompts untruncated): 512 is the old default
+        "max_completion_length": 512,
+        "max_seq_length": None,
+        "gradient_checkpointing": True,
+        "optim": "adamw_torch_fused",
+        "beta": 0.0,
+        "use_vllm": False,
+        "vllm_mode": "colocate",
+        "vllm_gpu_memory_utilization": 0.3,
+        "vllm_enable_sleep_mode": False,
+        "vllm_importance_sampling_correction": True,
+        "attn_implementation": "sdpa",
+        "use_liger_kernel": False,
+        "cast_lm_head_to_fp32": False,
+    },
+    "unsloth": {
+        "dtype": "bfloat16",
+        "load_in_4bit": True,
+        "lora_rank": 16,
+        "lora_target_modules": "all-linear",
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "steps_per_generation": None,
+        "num_iterations": 1,
+        "num_generations": 8,
+        "max_prompt_length": 512,
+        "max_completion_length": 512,
+        "max_seq_length": None,
+        "gradient_checkpointing": "unsloth",
+        "optim": "adamw_8bit",
+        "beta": 0.001,
+        "use_vllm": True,  # fast_inference=True
+        "vllm_mode": "colocate",
+        "vllm_gpu_memory_utilization": 0.5,
+        "vllm_enable_sleep_mode": False,
+        "vllm_importance_sampling_correction": True,
+        "attn_implementation": "sdpa",
+        "use_liger_kernel": False,
+        "cast_lm_head_to_fp32": False,
+    },
+}
+
+#: Keys accepted as other spellings of a field.
+ALIASES = {"gpu_memory_utilization": "vllm_gpu_memory_utilization", "torch_dtype": "dtype",
+           "r": "lora_rank", "target_modules": "lora_target_modules", "fast_inference": "use_vllm"}
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the architectures we know.
+PEFT_DEFAULT_TARGETS = {"phi3": ("qkv_proj",), "gpt_oss": ("q_proj", "v_proj")}
+
+
+def installed_trl_version() -> str | None:
+    """The installed trl's version, read from package metadata (importing trl takes seconds)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return None
+    try:
+        return version("trl")
+    except PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=None)
+def _installed_trl_version_cached() -> str | None:
+    return installed_trl_version()
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(text).split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts) or (0,)
+
+
+@dataclass(frozen=True)
+class GRPOSetup:
+    """A GRPO training setup on one GPU. Only ``model`` is required; see :data:`BACKEND_DEFAULTS`."""
+
+    model: Any
+    backend: str = "trl"
+    trl_version: str | None = None
+    logits: str | None = None
+    dtype: str | None = None
+    load_in_4bit: bool | None = None
+    lora_rank: int | None = None
+    lora_target_modules: Any = None
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    steps_per_generation: int | None = None
+    num_iterations: int | None = None
+    num_generations: int | None = None
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    max_seq_length: int | None = None
+    gradient_checkpointing: Any = None
+    optim: str | None = None
+    beta: float | None = None
+    use_vllm: bool | None = None
+    vllm_mode: str | None = None
+    vllm_gpu_memory_utilization: float | None = None
+    vllm_enable_sleep_mode: bool | None = None
+    vllm_importance_sampling_correction: bool | None = None
+    attn_implementation: str | None = None
+    use_liger_kernel: bool | None = None
+    cast_lm_head_to_fp32: bool | None = None
+    #: names of the fields the user gave (the rest are backend defaults); filled automatically
+    explicit_fields: frozenset = field(default=frozenset(), compare=False)
+    #: notes made while resolving defaults (e.g. Unsloth's batch-size reset); read by the estimate
+    resolution_notes: tuple = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        _resolve_and_validate(self)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GRPOSetup":
+        """Build from a dict with the JSON/TOML key names. Unknown keys are errors with a "did you mean"."""
+        if isinstance(data, GRPOSetup):
+            return data
+        if not isinstance(data, Mapping):
+            raise SetupError("setup", f"expected a dict of GRPO settings, got {type(data).__name__}",
+                             fix="e.g. {'model': 'Qwen/Qwen2.5-0.5B', 'per_device_train_batch_size': 8}")
+        known = {f.name for f in fields(cls)} - {"explicit_fields", "resolution_notes"}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = ALIASES.get(key, key)
+            if name not in known:
+                suggestion = difflib.get_close_matches(str(key), sorted(known | set(ALIASES)), n=1, cutoff=0.6)
+                hint = f"did you mean {suggestion[0]!r}?" if suggestion else f"known keys: {', '.join(sorted(known))}"
+                raise SetupError(str(key), f"unknown setup key {key!r}", fix=hint)
+            if name in kwargs:
+                raise SetupError(str(key), f"given twice (as {name!r} and an alias)", fix="keep one of them")
+            kwargs[name] = value
+        if "model" not in kwargs or kwargs["model"] in (None, ""):
+            raise SetupError("model", "the setup has no model",
+                             fix="add model='Qwen/Qwen2.5-0.5B' (a registry name, a local path or a config dict)")
+        kwargs["explicit_fields"] = frozenset(k for k in kwargs)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GRPOSetup":
+        """Load a setup from a ``.json`` or ``.toml`` file (TOML: top level, or a ``[grpo]`` table)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SetupError("setup", f"cannot read {path}: {exc.strerror or exc}",
+                             fix="give the path of a JSON or TOML setup file") from None
+        try:
+            if path.suffix.lower() == ".toml":
+                try:
+                    import tomllib
+                except ImportError:  # Python 3.10
+                    import tomli as tomllib  # type: ignore[no-redef]
+                data = tomllib.loads(text)
+                data = data.get("grpo", data)
+            else:
+                data = json.loads(text)
+        except ValueError as exc:
+            raise SetupError("setup", f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}",
+                             fix="fix the syntax; see examples/setups/ for valid files") from None
+        if isinstance(data, Mapping) and isinstance(data.get("model"), str):
+            model_path = (path.parent / data["model"])
+            if data["model"].startswith((".", "/")) and model_path.exists():
+                data = {**data, "model": str(model_path)}
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_trl(cls, grpo_config: Any, model: Any = None, peft_config: Any = None, **overrides: Any) -> "GRPOSetup":
+        """Build from a real ``trl.GRPOConfig`` (and a model name / path / ``PreTrainedModel`` and a
+        ``peft.LoraConfig``). trl and peft are not imported here: attributes are read by name."""
+        data: dict[str, Any] = {}
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+                     "num_iterations", "num_generations", "max_prompt_length", "max_completion_length",
+                     "gradient_checkpointing", "beta", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization",
+                     "vllm_enable_sleep_mode", "vllm_importance_sampling_correction", "use_liger_kernel",
+                     "cast_lm_head_to_fp32"):
+            value = getattr(grpo_config, name, None)
+            if value is not None:
+                data[name] = value
+        optim = getattr(grpo_config, "optim", None)
+        if optim is not None:
+            data["optim"] = getattr(optim, "value", optim)
+        init_kwargs = getattr(grpo_config, "model_init_kwargs", None) or {}
+        dtype = init_kwargs.get("dtype") or init_kwargs.get("torch_dtype")
+        if dtype is not None and dtype != "auto":
+            data["dtype"] = str(dtype).replace("torch.", "")
+        if init_kwargs.get("attn_implementation"):
+            data["attn_implementation"] = init_kwargs["attn_implementation"]
+        quant = init_kwargs.get("quantization_config")
+        if quant is not None and getattr(quant, "load_in_4bit", False):
+            data["load_in_4bit"] = True
+        if model is not None:
+            data["model"] = _model_from_object(model)
+        if peft_config is not None:
+            data["lora_rank"] = getattr(peft_config, "r", None)
+            targets = getattr(peft_config, "target_modules", None)
+            if targets is not None:
+                data["lora_target_modules"] = targets if isinstance(targets, str) else sorted(targets)
+        data.update(overrides)
+        return cls.from_dict(data)
+
+    # -- derived values -------------------------------------------------------------------------
+    @property
+    def model_spec(self) -> ModelSpec:
+        return resolve_model(self.model)
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Rows generated at once on this GPU: ``b × steps_per_generation`` (one process)."""
+        return self.per_device_train_batch_size * self.steps_per_generation
+
+    @property
+    def completions_per_optimizer_step(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_prompt_length + self.max_completion_length
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_rank is not None
+
+    def resolve_target_modules(self) -> tuple[str, ...]:
+        """The adapted Linear names: explicit list, ``"all-linear"``, or PEFT's default for the type."""
+        spec = self.model_spec
+        available = spec.linear_shapes()
+        targets = self.lora_target_modules
+        if targets is None:
+            targets = PEFT_DEFAULT_TARGETS.get(spec.model_type, ("q_proj", "v_proj"))
+        if targets == "all-linear":
+            return tuple(available)
+        return tuple(t for t in targets if t in available)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("explicit_fields", "resolution_notes")}
+        if isinstance(self.model, ModelSpec):
+            data["model"] = self.model.name
+        if isinstance(data["lora_target_modules"], tuple):
+            data["lora_target_modules"] = list(data["lora_target_modules"])
+        return data
+
+    def replace(self, **changes: Any) -> "GRPOSetup":
+        """A copy with ``changes`` applied, revalidated (explicit fields are kept explicit)."""
+        data = {name: getattr(self, name) for name in self.explicit_fields}
+        data["model"] = self.model
+        data.update(changes)
+        if "max_completion_length" in changes or "max_prompt_length" in changes:
+            data.pop("max_seq_length", None)  # the explicit length wins over the derived one
+        return GRPOSetup.from_dict(data)
+
+
+def _model_from_object(model: Any) -> Any:
+    if isinstance(model, (str, Mapping, ModelSpec)):
+        return model
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise SetupError("model", f"cannot read an architecture from {type(model).__name__}",
+                     fix="pass a model name, a local path, or a transformers PreTrainedModel")
+
+
+def _set(setup: GRPOSetup, name: str, value: Any) -> None:
+    object.__setattr__(setup, name, value)
+
+
+def _require_int(setup: GRPOSetup, name: str, minimum: int, fix: str) -> None:
+    value = getattr(setup, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            _set(setup, name, int(value))
+            value = int(value)
+        else:
+            raise SetupError(name, f"must be a whole number, got {value!r}", fix=fix)
+    if value < minimum:
+        raise SetupError(name, f"must be ≥ {minimum}, got {value}", fix=fix)
+
+
+def _require_choice(setup: GRPOSetup, name: str, choices: tuple) -> None:
+    value = getattr(setup, name)
+    if value not in choices:
+        suggestion = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"did you mean {suggestion[0]!r}? " if suggestion else ""
+        raise SetupError(name, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}",
+                         fix=f"{hint}use one of {', '.join(repr(c) for c in choices)}")
+
+
+def _require_bool(setup: GRPOSetup, name: str) -> None:
+    value = getattr(setup, name)
+    if not isinstance(value, bool):
+        raise SetupError(name, f"must be true or false, got {value!r}", fix=f"set {name} to true or false")
+
+
+def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear list of TRL's rules
+    notes: list[str] = list(setup.resolution_notes)
+    _require_choice(setup, "backend", BACKENDS)
+    if setup.model is None or setup.model == "":
+        raise SetupError("model", "the setup has no model", fix="add model='Qwen/Qwen2.5-0.5B'")
+    if not setup.explicit_fields:
+        _set(setup, "explicit_fields", frozenset(f.name for f in fields(setup)
+                                                 if f.name not in ("explicit_fields", "resolution_notes")
+                                                 and getattr(setup, f.name) is not None))
+    defaults = BACKEND_DEFAULTS[setup.backend]
+    for name, default in defaults.items():
+        # an explicit null means "the default", except for lora_rank where null means full fine-tuning
+        if getattr(setup, name) is None and not (name == "lora_rank" and name in setup.explicit_fields):
+            _set(setup, name, default)
+    if isinstance(setup.lora_target_modules, list):
+        _set(setup, "lora_target_modules", tuple(setup.lora_target_modules))
+
+    # trl version and logits mode
+    if setup.trl_version is None:
+        _set(setup, "trl_version", _installed_trl_version_cached() or NEWEST_MODELLED_TRL)
+    if not isinstance(setup.trl_version, str) or parse_version(setup.trl_version) == (0,):
+        raise SetupError("trl_version", f"cannot read {setup.trl_version!r} as a version", fix="e.g. '1.16.0'")
+    if setup.logits is None:
+        chunked = parse_version(setup.trl_version)[:2] >= FIRST_CHUNKED_TRL and setup.backend == "trl"
+        _set(setup, "logits", "chunked" if chunked else "materialized")
+    _require_choice(setup, "logits", LOGITS_MODES)
+    if isinstance(setup.dtype, str):
+        _set(setup, "dtype", {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16",
+                              "torch.bfloat16": "bfloat16", "torch.float32": "float32",
+                              "torch.float16": "float16", "half": "float16", "float": "float32"}
+             .get(setup.dtype.lower(), setup.dtype.lower()))
+    _require_choice(setup, "dtype", DTYPES)
+    for name in ("load_in_4bit", "use_vllm", "vllm_enable_sleep_mode", "use_liger_kernel",
+                 "cast_lm_head_to_fp32", "vllm_importance_sampling_correction"):
+        _require_bool(setup, name)
+
+    # LoRA
+    if setup.lora_rank is not None:
+        _require_int(setup, "lora_rank", 1, "use a positive LoRA rank such as 16, or null for full fine-tuning")
+    if setup.load_in_4bit and setup.lora_rank is None:
+        raise SetupError("load_in_4bit", "a 4-bit base cannot be fully fine-tuned (PEFT refuses purely "
+                         "quantized models)", fix="set lora_rank (e.g. 16) or load_in_4bit=false")
+    targets = setup.lora_target_modules
+    if targets is not None and targets != "all-linear":
+        if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+            raise SetupError("lora_target_modules", f"expected a list of module names or 'all-linear', got {targets!r}",
+                             fix="e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+
+    # batch shape (TRL GRPOConfig.__post_init__ rules, one process)
+    _require_int(setup, "per_device_train_batch_size", 1, "use a positive batch size")
+    _require_int(setup, "gradient_accumulation_steps", 1, "use gradient_accumulation_steps ≥ 1")
+    _require_int(setup, "num_iterations", 1, "use num_iterations ≥ 1")
+    if setup.steps_per_generation is None:
+        _set(setup, "steps_per_generation", setup.gradient_accumulation_steps)
+    _require_int(setup, "steps_per_generation", 1, "use steps_per_generation ≥ 1 (default: gradient_accumulation_steps)")
+    _require_int(setup, "num_generations", 2, "GRPO needs at least 2 completions per prompt to compute "
+                                              "advantages: set num_generations ≥ 2")
+    if setup.backend == "unsloth":
+        b, g, ga = setup.per_device_train_batch_size, setup.num_generations, setup.gradient_accumulation_steps
+        if (ga * b) % g != 0:
+            # Unsloth silently resets the batch instead of raising (memory-model.md §2)
+            _set(setup, "per_device_train_batch_size", g)
+            notes.append(f"unsloth: (gradient_accumulation_steps × per_device_train_batch_size) = {ga}×{b} is not "
+                         f"divisible by num_generations={g}, so Unsloth resets per_device_train_batch_size to {g}")
+            if "steps_per_generation" not in setup.explicit_fields:
+                _set(setup, "steps_per_generation", ga)
+    generation_batch = setup.per_device_train_batch_size * setup.steps_per_generation
+    if generation_batch % setup.num_generations != 0:
+        b, spg, g = setup.per_device_train_batch_size, setup.steps_per_generation, setup.num_generations
+        divisors = [d for d in range(2, generation_batch + 1) if generation_batch % d == 0]
+        raise SetupError(
+            "per_device_train_batch_size",
+            f"the generation batch per_device_train_batch_size × steps_per_generation = {b} × {spg} = "
+            f"{generation_batch} is not divisible by num_generations = {g} (TRL's GRPOConfig rule)",
+            fix=f"make per_device_train_batch_size a multiple of {g}, or set num_generations to a divisor of "
+                f"{generation_batch} ({', '.join(map(str, divisors)) or 'none ≥ 2'})")
+
+    # lengths
+    if setup.max_seq_length is not None:
+        _require_int(setup, "max_seq_length", 2, "use a positive max_seq_length")
+        if "max_completion_length" not in setup.explicit_fields:
+            completion = setup.max_seq_length - setup.max_prompt_length
+            if completion < 1:
+                raise SetupError("max_seq_length", f"max_seq_length {setup.max_seq_length} leaves no room for a "
+                                 f"completion after max_prompt_length {setup.max_prompt_length}",
+                                 fix="raise max_seq_length or lower max_prompt_length")
+            _set(setup, "max_completion_length", completion)
+    _require_int(setup, "max_prompt_length", 1, "use a positive max_prompt_length (prompt tokens)")
+    _require_int(setup, "max_completion_length", 1, "use a positive max_completion_length (completion tokens)")
+
+    # checkpointing, optimizer, beta, attention
+    if setup.gradient_checkpointing not in (True, False, "unsloth"):
+        raise SetupError("gradient_checkpointing", f"{setup.gradient_checkpointing!r} is not true, false or 'unsloth'",
+                         fix="use true, false or 'unsloth' (offloaded checkpoints)")
+    if isinstance(setup.optim, str):
+        _set(setup, "optim", setup.optim.lower())
+    _require_choice(setup, "optim", tuple(OPTIMIZERS))
+    if isinstance(setup.beta, bool) or not isinstance(setup.beta, (int, float)) or setup.beta < 0:
+        raise SetupError("beta", f"must be a number ≥ 0, got {setup.beta!r}", fix="e.g. beta=0.0 (no reference model)")
+    _require_choice(setup, "attn_implementation", ATTN_IMPLEMENTATIONS)
+
+    # vLLM
+    _require_choice(setup, "vllm_mode", VLLM_MODES)
+    util = setup.vllm_gpu_memory_utilization
+    if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+        raise SetupError("vllm_gpu_memory_utilization", f"must be a fraction in (0, 1], got {util!r}",
+                         fix="e.g. 0.3 (TRL's default for colocate mode)")
+    if setup.use_vllm and setup.backend == "unsloth" and setup.vllm_mode == "server":
+        raise SetupError("vllm_mode", "Unsloth runs vLLM in-process (fast_inference); server mode is TRL's",
+                         fix="use vllm_mode='colocate' with backend='unsloth'")
+
+    # the model must resolve (unknown names are errors with close matches)
+    resolve_model(setup.model)
+    _set(setup, "resolution_notes", tuple(notes))
