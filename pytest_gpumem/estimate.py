@@ -277,7 +277,6 @@ class _Model:
         else:
             vllm_weights = spec.num_params * 2  # bf16 from the checkpoint's dtype
         activations = self.vllm_activation_peak()
-        fixed = vllm_weights + activations + VLLM_NON_TORCH_BYTES + VLLM_CUDA_GRAPH_BYTES
         if self.gpu is not None:
             total = self.gpu.total_bytes
             if setup.backend == "unsloth":
@@ -285,7 +284,8 @@ class _Model:
                 budget = int(setup.vllm_gpu_memory_utilization * (total - CUDA_CONTEXT_BYTES))
             else:
                 budget = int(setup.vllm_gpu_memory_utilization * total)
-            kv_cache = budget - fixed
+            kv_cache = vllm_kv_cache_bytes(budget, vllm_weights, activations, VLLM_NON_TORCH_BYTES,
+                                           VLLM_CUDA_GRAPH_BYTES)
         else:
             # without a card the reservation is unknown: size the KV pool for one generation batch
             kv_cache = self.kv_cache_needed()
@@ -541,6 +541,14 @@ class _Model:
                 f"vLLM would refuse to start: its KV cache ({format_gib(kv_cache)}) cannot hold one sequence of "
                 f"{setup.seq_len} tokens ({format_gib(one_sequence)}); raise vllm_gpu_memory_utilization or shorten "
                 "max_prompt_length + max_completion_length")
+
+
+def vllm_kv_cache_bytes(budget_bytes: int, weights_bytes: int, activation_peak_bytes: int, non_torch_bytes: int,
+                        cuda_graph_bytes: int = 0) -> int:
+    """vLLM's KV pool: ``util × total − (weights + activation peak + non-torch)`` − the CUDA-graph estimate
+    (counted inside the budget since vLLM 0.21). The pool fills its budget whatever the workload
+    (memory-model.md §3; e.g. 71.39 − 9.69 − 1.27 − 2.95 = 57.48 GiB in a published start-up log)."""
+    return budget_bytes - weights_bytes - activation_peak_bytes - non_torch_bytes - cuda_graph_bytes
 
 
 def load_setup_arg(value: str) -> GRPOSetup:

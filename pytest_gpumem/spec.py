@@ -240,6 +240,8 @@ class GRPOSetup:
             value = getattr(grpo_config, name, None)
             if value is not None:
                 data[name] = value
+        if "gradient_checkpointing" not in data and getattr(grpo_config, "activation_checkpointing", None) is not None:
+            data["gradient_checkpointing"] = bool(grpo_config.activation_checkpointing)  # transformers ≥ 5.2x name
         optim = getattr(grpo_config, "optim", None)
         if optim is not None:
             data["optim"] = getattr(optim, "value", optim)
