@@ -57,6 +57,9 @@ ACT_H_COEFF, ACT_I_COEFF = 26, 8
 EAGER_SCORE_COPIES = 2
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: components outside torch's caching allocator (the context) or in vLLM's own pool: no allocator slack
+_NOT_TORCH_ALLOCATED = frozenset([Component.CUDA_CONTEXT.value] + [c.value for c in Component
+                                                                     if c.value.startswith("vllm_")])
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class _Model:
         self.assumptions: list[str] = list(setup.resolution_notes)
         self.warnings: list[str] = []
         self.tensors: list[tuple[str, str, int]] = []  # (phase, description, bytes) for largest allocation
+        self._lora_params: int | None = None
 
     # -- sizes of things ------------------------------------------------------------------------
     @property
@@ -165,6 +169,11 @@ class _Model:
         """LoRA (PEFT): an adapted Linear adds ``r · (in + out)`` (memory-model.md §4)."""
         if not self.setup.is_lora:
             return 0
+        if self._lora_params is None:
+            self._lora_params = self._count_lora_params()
+        return self._lora_params
+
+    def _count_lora_params(self) -> int:
         shapes = self.spec.linear_shapes()
         per_layer = sum(shapes[name][0] + shapes[name][1] for name in self.setup.resolve_target_modules())
         return self.setup.lora_rank * per_layer * self.spec.num_hidden_layers
@@ -512,8 +521,7 @@ class _Model:
     # -- slack and checks -----------------------------------------------------------------------
     def _with_slack(self, parts: dict[str, int]) -> dict[str, int]:
         """Caching-allocator slack on torch's own allocations (not the context nor vLLM's pool)."""
-        torch_bytes = sum(v for k, v in parts.items() if k != Component.CUDA_CONTEXT.value
-                          and not k.startswith("vllm_"))
+        torch_bytes = sum(v for k, v in parts.items() if k not in _NOT_TORCH_ALLOCATED)
         parts[Component.ALLOCATOR_SLACK.value] = int(torch_bytes * ALLOCATOR_SLACK_FRACTION)
         return parts
 
