@@ -1,0 +1,560 @@
+"""Fit a GRPO setup to a GPU: search the levers of :mod:`pytest_gpumem.explain` for the best setup that fits.
+
+The search space is the product of one list of options per *dimension*. Each list starts at the input's value
+and moves only towards saving memory — fit pulls levers, it never spends memory the input did not ask for
+(one exception: a colocated vLLM utilisation too low for vLLM to start at all — its KV cache could not hold
+one sequence — is raised to the smallest that starts). Dimensions are ordered by what matters for training
+quality (:data:`QUALITY_ORDER`), and the result is the lexicographically best fitting candidate: the longest
+completions first, then the largest groups, then the most trainable capacity, and so on; quality-neutral implementation levers (chunked log-probs, fused AdamW)
+come last, so they are used freely to avoid sacrificing anything else, and left off when not needed.
+
+Completions per optimizer step (``per_device_train_batch_size × gradient_accumulation_steps``) are kept:
+halving the micro-batch doubles the accumulation. Memory depends on the micro-batch, not on the effective
+batch (beyond the gradients kept between micro-steps), so keeping it hardly ever stops a setup from fitting;
+pass ``keep=()`` to also allow smaller effective batches (they shrink the generation batch).
+
+Search: depth-first in quality order. Before descending into a prefix of choices, the prefix is completed
+with every remaining dimension at its most-saving option (the last of each list); if even that does not
+fit, the whole subtree is skipped. This is exact when memory does not grow as any dimension moves to its
+last option (the levers are built that way; ``tests/test_fit.py`` checks it per dimension on sample setups and
+compares the pruned search with brute force) and estimates tens to hundreds of candidates instead of the
+whole product (``benchmarks/bench_fit.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .errors import GpuMemError, SetupError
+from .explain import min_vllm_utilization
+from .units import format_gib
+
+#: The dimensions, most important first, with why (what each costs when moved off the input's value).
+QUALITY_ORDER: tuple[tuple[str, str], ...] = (
+    ("max_completion_length", "truncating completions changes what the policy can learn to write"),
+    ("num_generations", "smaller groups give noisier group-relative advantages"),
+    ("capacity", "full fine-tuning > LoRA; a higher LoRA rank > a lower one"),
+    ("load_in_4bit", "a 16/32-bit base > an NF4-quantised base (QLoRA)"),
+    ("dtype", "fp32 master weights > bf16 weights (TRL loads by name in fp32)"),
+    ("optim", "fp32 AdamW states > 8-bit AdamW states"),
+    ("batch", "a larger micro-batch (fewer accumulation steps) is faster; completions per step are kept"),
+    ("steps_per_generation", "fewer, larger generation rounds are faster"),
+    ("gradient_checkpointing", "no recomputation is ~30% faster"),
+    ("vllm_enable_sleep_mode", "no sleep/wake cycle per generation round"),
+    ("vllm_gpu_memory_utilization", "a larger vLLM KV cache decodes more sequences at once"),
+    ("use_liger_kernel", "quality-neutral (chunked log-probs): used only when needed (needs liger-kernel)"),
+    ("fused_optimizer", "quality-neutral (fused AdamW): used only when needed"),
+)
+DIMENSIONS = tuple(name for name, _ in QUALITY_ORDER)
+#: the special keep name for ``per_device_train_batch_size × gradient_accumulation_steps``
+EFFECTIVE_BATCH = "completions_per_optimizer_step"
+DEFAULT_KEEP = (EFFECTIVE_BATCH,)
+#: LoRA ranks offered when the input is full fine-tuning (all linear layers, as Unsloth and TRL's docs do)
+LORA_RANKS_FROM_FULL = (64, 32, 16, 8)
+COMPLETION_FRACTIONS = (1, 7 / 8, 3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4)
+UTILIZATION_STEP = 0.05
+#: the vLLM utilisation option "as low as vLLM still starts" (resolved per candidate)
+FLOOR = "floor"
+TABLE_SIZES_GIB = (8, 12, 16, 24, 40, 48, 80, 141)
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    options: tuple  # option values, the input's first, the most-saving last
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated setup."""
+
+    setup: Any
+    estimate: Any
+    choice: tuple  # one option index per dimension
+    fits: bool
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.estimate.peak_bytes
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The best fitting setup (or None), what changed, and alternatives that keep one more thing."""
+
+    input_setup: Any
+    gpu: Any
+    headroom: float
+    best: Candidate | None
+    closest: Candidate  # the most-saving candidate (what is left when nothing fits)
+    alternatives: tuple = ()  # (keeps, Candidate)
+    space_size: int = 0
+    evaluated: int = 0
+    seconds: float = 0.0
+    keep: tuple = DEFAULT_KEEP
+
+    @property
+    def fits(self) -> bool:
+        return self.best is not None
+
+    @property
+    def setup(self) -> Any:
+        return self.best.setup if self.best else None
+
+    @property
+    def peak_bytes(self) -> int | None:
+        return self.best.peak_bytes if self.best else None
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.gpu.total_bytes * (1 - self.headroom))
+
+    def changes(self, candidate: Candidate | None = None) -> list[dict[str, Any]]:
+        candidate = candidate or self.best
+        return setup_changes(self.input_setup, candidate.setup) if candidate else []
+
+    def to_dict(self) -> dict[str, Any]:
+        def describe(candidate: Candidate) -> dict[str, Any]:
+            return {"setup": candidate.setup.to_dict(), "peak_bytes": candidate.peak_bytes,
+                    "peak_phase": candidate.estimate.peak_phase, "changes": self.changes(candidate),
+                    "phases": candidate.estimate.breakdown.to_dict()["phases"]}
+
+        data: dict[str, Any] = {"fits": self.fits, "gpu": self.gpu.to_dict(), "headroom": self.headroom,
+                                "budget_bytes": self.budget_bytes, "keep": list(self.keep)}
+        if self.best:
+            best = describe(self.best)
+            data.update(setup=best["setup"], peak_bytes=best["peak_bytes"], peak_phase=best["peak_phase"],
+                        changes=best["changes"], phases=best["phases"])
+        else:
+            data.update(setup=None, peak_bytes=None, changes=[],
+                        closest={**describe(self.closest), "short_by_bytes": self.closest.peak_bytes - self.budget_bytes})
+        data["alternatives"] = [{"keeps": keeps, **describe(candidate)} for keeps, candidate in self.alternatives]
+        data["order"] = [{"dimension": name, "why": why} for name, why in QUALITY_ORDER]
+        data["search"] = {"space_size": self.space_size, "evaluated": self.evaluated,
+                          "seconds": round(self.seconds, 4)}
+        return data
+
+
+def setup_changes(before: Any, after: Any) -> list[dict[str, Any]]:
+    """Fields that differ between two setups: ``[{"field", "from", "to"}]`` (derived fields included)."""
+    changes = []
+    for name, old in before.to_dict().items():
+        new = getattr(after, name)
+        if isinstance(new, tuple):
+            new = list(new)
+        if old != new and name not in ("max_seq_length",):
+            change = {"field": name, "from": old, "to": new}
+            if name == "steps_per_generation" and name not in after.explicit_fields:
+                change["note"] = "follows gradient_accumulation_steps, TRL's default"
+            changes.append(change)
+    return changes
+
+
+# -- the space ------------------------------------------------------------------------------------------
+def _halvings(value: int, minimum: int = 1) -> list[int]:
+    out = [value]
+    while out[-1] % 2 == 0 and out[-1] // 2 >= minimum:
+        out.append(out[-1] // 2)
+    return out
+
+
+def dimensions(setup: Any, gpu: Any, keep: Iterable[str] = DEFAULT_KEEP) -> list[Dimension]:
+    """The option lists of :data:`QUALITY_ORDER` for ``setup`` (a dimension in ``keep`` has one option)."""
+    keep = set(keep)
+    s = setup
+    dims: dict[str, tuple] = {}
+    completions = []
+    for fraction in COMPLETION_FRACTIONS:
+        length = int(s.max_completion_length * fraction)
+        if fraction != 1 and length >= 64:
+            length -= length % 8
+        if length >= 1 and length not in completions:
+            completions.append(length)
+    dims["max_completion_length"] = tuple(completions)
+    dims["num_generations"] = tuple(_halvings(s.num_generations, 2))
+    if s.is_lora:
+        dims["capacity"] = tuple(dict.fromkeys(r for r in _halvings(s.lora_rank) if r >= max(1, s.lora_rank // 4)))
+    else:
+        dims["capacity"] = (None,) + LORA_RANKS_FROM_FULL
+    dims["load_in_4bit"] = (s.load_in_4bit,) if s.load_in_4bit else (False, True)
+    dims["dtype"] = (s.dtype, "bfloat16") if s.backend == "trl" and s.dtype == "float32" else (s.dtype,)
+    eight_bit = ("adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit", "sgd", "adafactor")
+    dims["optim"] = (s.optim,) if s.optim in eight_bit else (s.optim, "adamw_8bit")
+    b, ga = s.per_device_train_batch_size, s.gradient_accumulation_steps
+    batches = [(b // 2 ** k, ga * 2 ** k) for k in range(len(_halvings(b)))]
+    if EFFECTIVE_BATCH not in keep:
+        batches += [(b // 2 ** k, ga) for k in range(1, len(_halvings(b)))]
+    dims["batch"] = tuple(batches)
+    if s.backend == "unsloth" and s.gradient_checkpointing is True:
+        dims["gradient_checkpointing"] = (True, "unsloth")
+    elif not s.gradient_checkpointing:
+        dims["gradient_checkpointing"] = (False, True)
+    else:
+        dims["gradient_checkpointing"] = (s.gradient_checkpointing,)
+    colocated = s.use_vllm and s.vllm_mode == "colocate"
+    dims["vllm_enable_sleep_mode"] = (False, True) if colocated and not s.vllm_enable_sleep_mode \
+        else (s.vllm_enable_sleep_mode,)
+    # vLLM utilisation: the input's, lower steps, and finally FLOOR — the smallest at which vLLM still starts
+    # for that candidate (its KV cache must hold one sequence; the floor depends on the candidate's weights
+    # and lengths, so it is resolved per candidate, and a step below it is clamped to it)
+    utils: list = [s.vllm_gpu_memory_utilization]
+    if colocated:
+        step = 1
+        while round(s.vllm_gpu_memory_utilization - step * UTILIZATION_STEP, 2) >= UTILIZATION_STEP:
+            utils.append(round(s.vllm_gpu_memory_utilization - step * UTILIZATION_STEP, 2))
+            step += 1
+        utils.append(FLOOR)
+    dims["vllm_gpu_memory_utilization"] = tuple(utils)
+    liger = s.backend == "trl" and s.logits == "materialized" and not s.use_liger_kernel
+    dims["use_liger_kernel"] = (s.use_liger_kernel, True) if liger else (s.use_liger_kernel,)
+    dims["fused_optimizer"] = (False, True) if s.optim in ("adamw_torch", "adamw_hf") else (False,)
+
+    # steps_per_generation: how many rounds the generation batch is split into (1 = as input); a split must
+    # leave whole steps and a generation batch divisible by num_generations (TRL GRPOConfig)
+    generation_batch = s.generation_batch_size
+    dims["steps_per_generation"] = tuple(f for f in (1, 2, 4, 8, 16) if s.steps_per_generation % f == 0
+                                         and (generation_batch // f) % s.num_generations == 0)
+
+    fixed_by_keep = {"max_completion_length", "num_generations", "load_in_4bit", "dtype", "optim",
+                     "gradient_checkpointing", "vllm_enable_sleep_mode", "vllm_gpu_memory_utilization",
+                     "use_liger_kernel", "steps_per_generation"}
+    for name in keep:
+        if name in fixed_by_keep and name in dims:
+            dims[name] = dims[name][:1]
+        elif name in ("lora_rank", "capacity"):
+            dims["capacity"] = dims["capacity"][:1]
+        elif name in ("per_device_train_batch_size", "batch", "gradient_accumulation_steps"):
+            dims["batch"] = dims["batch"][:1]
+        elif name != EFFECTIVE_BATCH and name not in dims:
+            raise GpuMemError("keep", f"unknown name {name!r}",
+                              fix=f"use any of {', '.join((EFFECTIVE_BATCH,) + DIMENSIONS)} or lora_rank")
+    return [Dimension(name, dims[name]) for name in DIMENSIONS]
+
+
+def build_setup(base: Any, dims: list[Dimension], choice: tuple, utilization_floor: float | None = None) -> Any:
+    """The setup of one candidate (``choice``: an option index per dimension). Raises SetupError when the
+    combination breaks a TRL rule (e.g. the generation batch no longer divides by num_generations).
+    ``utilization_floor``: the candidate's smallest vLLM utilisation that starts; the chosen utilisation is
+    raised to it (and :data:`FLOOR` becomes it). Without it, FLOOR stands for the input's value."""
+    from .spec import GRPOSetup
+
+    value = {dim.name: dim.options[index] for dim, index in zip(dims, choice)}
+    data = {name: getattr(base, name) for name in base.explicit_fields}
+    data["model"] = base.model
+    if value["max_completion_length"] != base.max_completion_length:
+        data["max_completion_length"] = value["max_completion_length"]
+        data.pop("max_seq_length", None)
+    data["num_generations"] = value["num_generations"]
+    rank = value["capacity"]
+    if rank != base.lora_rank:
+        data["lora_rank"] = rank
+        if not base.is_lora:
+            data["lora_target_modules"] = "all-linear"
+    if value["load_in_4bit"] != base.load_in_4bit:
+        data["load_in_4bit"] = value["load_in_4bit"]
+    if value["dtype"] != base.dtype:
+        data["dtype"] = value["dtype"]
+    optim = value["optim"]
+    if value["fused_optimizer"] and optim in ("adamw_torch", "adamw_hf"):
+        optim = "adamw_torch_fused"
+    if optim != base.optim:
+        data["optim"] = optim
+    b, ga = value["batch"]
+    if (b, ga) != (base.per_device_train_batch_size, base.gradient_accumulation_steps):
+        data["per_device_train_batch_size"], data["gradient_accumulation_steps"] = b, ga
+    # steps_per_generation scales with the accumulation (the generation batch follows b × GA as in the
+    # input), divided by the extra generation rounds of the steps_per_generation dimension
+    rounds = value["steps_per_generation"]
+    scaled = ga * base.steps_per_generation
+    if scaled % (base.gradient_accumulation_steps * rounds):
+        raise SetupError("steps_per_generation", "the generation batch does not split into that many rounds")
+    steps = scaled // (base.gradient_accumulation_steps * rounds)
+    if "steps_per_generation" in base.explicit_fields or steps != ga:
+        data["steps_per_generation"] = steps
+    else:
+        data.pop("steps_per_generation", None)
+    if value["gradient_checkpointing"] != base.gradient_checkpointing:
+        data["gradient_checkpointing"] = value["gradient_checkpointing"]
+    if value["vllm_enable_sleep_mode"] != base.vllm_enable_sleep_mode:
+        data["vllm_enable_sleep_mode"] = value["vllm_enable_sleep_mode"]
+    utilization = _resolve_utilization(base, value["vllm_gpu_memory_utilization"], utilization_floor)
+    if utilization != base.vllm_gpu_memory_utilization:
+        data["vllm_gpu_memory_utilization"] = utilization
+    if value["use_liger_kernel"] != base.use_liger_kernel:
+        data["use_liger_kernel"] = value["use_liger_kernel"]
+    return GRPOSetup.from_dict(data)
+
+
+def _resolve_utilization(base: Any, option: Any, floor: float | None) -> float:
+    """The utilisation an option stands for: FLOOR is the floor (the input's value while the floor is not
+    known yet); a number is raised to the floor."""
+    if option == FLOOR:
+        return base.vllm_gpu_memory_utilization if floor is None else floor
+    return option if floor is None else max(option, floor)
+
+
+class _Search:
+    """Memoised candidate evaluation over one space.
+
+    vLLM's utilisation floor depends on the candidate but not on its utilisation, so it is computed once per
+    group of candidates that differ only in utilisation, and candidates whose utilisation clamps to the same
+    value share one estimate."""
+
+    def __init__(self, base: Any, gpu: Any, headroom: float, dims: list[Dimension]):
+        self.base, self.gpu, self.headroom, self.dims = base, gpu, headroom, dims
+        self.cache: dict[tuple, Candidate | None] = {}
+        self.level = DIMENSIONS.index("vllm_gpu_memory_utilization")
+        self.floors: dict[tuple, float | None] = {}
+        self.resolved: dict[tuple, Any] = {}  # (group, utilisation) -> (setup, estimate)
+        self.estimates = 0
+
+    def _estimate(self, setup: Any) -> Any:
+        from .estimate import estimate
+
+        self.estimates += 1
+        return estimate(setup, self.gpu)
+
+    def evaluate(self, choice: tuple) -> Candidate | None:
+        """The candidate, or None when the combination is not a valid setup."""
+        if choice in self.cache:
+            return self.cache[choice]
+        level = self.level
+        group = choice[:level] + choice[level + 1:]
+        try:
+            if group not in self.floors:
+                # any utilisation gives the floor: use the input's, and keep that estimate
+                first = choice[:level] + (0,) + choice[level + 1:]
+                setup = build_setup(self.base, self.dims, first)
+                result = self._estimate(setup)
+                self.floors[group] = min_vllm_utilization(setup, self.gpu.total_bytes, result)
+                self.resolved[(group, setup.vllm_gpu_memory_utilization)] = (setup, result)
+            floor = self.floors[group]
+            key = (group, _resolve_utilization(self.base, self.dims[level].options[choice[level]], floor))
+            if key not in self.resolved:
+                setup = build_setup(self.base, self.dims, choice, utilization_floor=floor)
+                self.resolved[key] = (setup, self._estimate(setup))
+            setup, result = self.resolved[key]
+        except SetupError:
+            self.floors.setdefault(group, None)
+            self.cache[choice] = None
+            return None
+        candidate = Candidate(setup, result, choice, result.fits(headroom=self.headroom))
+        self.cache[choice] = candidate
+        return candidate
+
+    def optimistic(self, prefix: tuple) -> Candidate | None:
+        """``prefix`` completed with each remaining dimension's most-saving option that gives a valid setup
+        (a later option first; e.g. splitting the generation batch may not divide)."""
+        rest = self.dims[len(prefix):]
+        choice = prefix + tuple(len(d.options) - 1 for d in rest)
+        candidate = self.evaluate(choice)
+        if candidate is not None:
+            return candidate
+        # the all-last completion is invalid: walk each remaining dimension back towards the input's option
+        for position in range(len(prefix), len(self.dims)):
+            for index in range(len(self.dims[position].options) - 2, -1, -1):
+                trial = choice[:position] + (index,) + choice[position + 1:]
+                candidate = self.evaluate(trial)
+                if candidate is not None:
+                    return candidate
+        return None
+
+    def best(self, fixed: Mapping[int, int] | None = None) -> Candidate | None:
+        """The first fitting candidate in quality order (``fixed``: dimension index -> forced option)."""
+        fixed = fixed or {}
+
+        def options(level: int) -> Iterable[int]:
+            return (fixed[level],) if level in fixed else range(len(self.dims[level].options))
+
+        def descend(prefix: tuple) -> Candidate | None:
+            level = len(prefix)
+            if level == len(self.dims):
+                candidate = self.evaluate(prefix)
+                return candidate if candidate is not None and candidate.fits else None
+            for index in options(level):
+                trial = prefix + (index,)
+                if level + 1 < len(self.dims):
+                    bound = self._bound(trial, fixed)
+                    if bound is None or not bound.fits:
+                        continue
+                found = descend(trial)
+                if found is not None:
+                    return found
+            return None
+
+        return descend(())
+
+    def _bound(self, prefix: tuple, fixed: Mapping[int, int]) -> Candidate | None:
+        if not fixed:
+            return self.optimistic(prefix)
+        # forced dimensions stay forced in the optimistic completion
+        rest = tuple(fixed.get(i, len(self.dims[i].options) - 1) for i in range(len(prefix), len(self.dims)))
+        candidate = self.evaluate(prefix + rest)
+        return candidate if candidate is not None else self.optimistic(prefix)
+
+
+def space_size(dims: list[Dimension]) -> int:
+    size = 1
+    for dim in dims:
+        size *= len(dim.options)
+    return size
+
+
+def fit(setup: Any, gpu: Any, headroom: float = 0.1, keep: Iterable[str] = DEFAULT_KEEP,
+        alternatives: bool = True) -> FitResult:
+    """The best setup of the lever space that fits ``gpu`` with ``headroom`` (a fraction of its total).
+
+    ``setup``: GRPOSetup, dict or file path. ``gpu``: card name, size or bytes. ``keep``: dimension names
+    (:data:`DIMENSIONS`, ``lora_rank``, ``per_device_train_batch_size``) that must not change, plus
+    ``"completions_per_optimizer_step"`` (the default) to keep ``b × gradient_accumulation_steps``.
+    Alternatives: for each quality dimension the best result changed, the best setup that keeps it."""
+    from .estimate import _coerce_setup
+    from .gpus import resolve_gpu
+
+    started = time.perf_counter()
+    base = _coerce_setup(setup)
+    gpu = resolve_gpu(gpu)
+    if gpu is None:
+        raise GpuMemError("gpu", "no GPU given", fix="pass a card name ('L4', 'A100-80GB') or a size ('24GiB')")
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+        raise GpuMemError("headroom", f"must be a fraction in [0, 1), got {headroom!r}", fix="e.g. 0.1 (10%)")
+    keep = tuple(keep)
+    dims = dimensions(base, gpu, keep)
+    search = _Search(base, gpu, float(headroom), dims)
+    best = search.best()
+    closest = search.optimistic(()) or search.evaluate(tuple(0 for _ in dims))
+    found_alternatives: list[tuple[str, Candidate]] = []
+    if best is not None and alternatives:
+        seen = {best.choice}
+        for level, dim in enumerate(dims):
+            if best.choice[level] == 0 or dim.name in ("use_liger_kernel", "fused_optimizer"):
+                continue
+            other = search.best({level: 0})
+            if other is not None and other.choice not in seen:
+                seen.add(other.choice)
+                found_alternatives.append((dim.name, other))
+    return FitResult(base, gpu, float(headroom), best, closest, tuple(found_alternatives), space_size(dims),
+                     search.estimates, time.perf_counter() - started, keep)
+
+
+# -- the quick-reference table --------------------------------------------------------------------------
+def _training_label(setup: Any) -> str:
+    if not setup.is_lora:
+        return f"full ({'fp32' if setup.dtype == 'float32' else 'bf16' if setup.dtype == 'bfloat16' else 'fp16'})"
+    return f"{'QLoRA' if setup.load_in_4bit else 'LoRA'} r={setup.lora_rank}"
+
+
+def _logprobs_label(setup: Any) -> str:
+    if setup.backend == "unsloth":
+        return "Unsloth chunks"
+    if setup.use_liger_kernel:
+        return "Liger"
+    return "chunked" if setup.logits == "chunked" else "full logits"
+
+
+def _vllm_label(setup: Any) -> str:
+    if not setup.use_vllm:
+        return "no (HF generate)"
+    if setup.vllm_mode == "server":
+        return "server"
+    return f"{setup.vllm_gpu_memory_utilization:g}" + (" + sleep" if setup.vllm_enable_sleep_mode else "")
+
+
+def table(setup: Any, sizes_gib: Iterable[float] = TABLE_SIZES_GIB, headroom: float = 0.1,
+          keep: Iterable[str] = DEFAULT_KEEP) -> str:
+    """A Markdown table of :func:`fit` results for ``setup`` on GPUs of ``sizes_gib`` (torch-reported GiB)."""
+    from .estimate import _coerce_setup
+
+    base = _coerce_setup(setup)
+    header = ("| GPU | training | b × GA | G | completion | optimizer | checkpointing | log-probs | vLLM | "
+              "predicted peak |")
+    rows = [header, "|" + "---|" * 10]
+    for size in sizes_gib:
+        result = fit(base, f"{size}GiB", headroom=headroom, keep=keep, alternatives=False)
+        label = f"{size:g} GiB"
+        if not result.fits:
+            short = result.closest.peak_bytes - result.budget_bytes
+            rows.append(f"| {label} | does not fit (short by {format_gib(short)} even with every lever) "
+                        + "| " * 8 + "|")
+            continue
+        s = result.setup
+        checkpointing = {True: "on", False: "off", "unsloth": "offloaded"}[s.gradient_checkpointing]
+        rows.append(f"| {label} | {_training_label(s)} | {s.per_device_train_batch_size} × "
+                    f"{s.gradient_accumulation_steps} | {s.num_generations} | {s.max_completion_length} | {s.optim} | "
+                    f"{checkpointing} | {_logprobs_label(s)} | {_vllm_label(s)} | {format_gib(result.peak_bytes)} |")
+    spec = base.model_spec
+    notes = (f"\n{spec.name} ({spec.num_params / 1e9:.2f}B), backend {base.backend}, prompt ≤ {base.max_prompt_length} "
+             f"tokens; input: {_training_label(base)}, b × GA = {base.per_device_train_batch_size} × "
+             f"{base.gradient_accumulation_steps}, G = {base.num_generations}, completion {base.max_completion_length}. "
+             f"Sizes are the totals torch reports; each row fits with {headroom:.0%} headroom, keeps "
+             f"{base.completions_per_optimizer_step} completions per optimizer step, and is the best by "
+             "`gpumem fit`'s order (completion length, group size, capacity, precision, optimizer, speed).")
+    return "\n".join(rows) + "\n" + notes
+
+
+# -- CLI --------------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    from .estimate_cli import add_setup_arguments
+
+    add_setup_arguments(parser)
+    parser.add_argument("--gpu", required=True, help="card name (L4, A100-80GB, H100, ...) or size (24GiB, 80GB)")
+    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of the GPU kept free (default 0.1)")
+    parser.add_argument("--keep", action="append", default=None, metavar="NAME",
+                        help=f"a dimension that must not change ({', '.join(DIMENSIONS)}, lora_rank); repeatable")
+    parser.add_argument("--allow-batch-change", action="store_true",
+                        help="allow fewer completions per optimizer step (default: b × GA is kept)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _keep_from_args(args) -> tuple:
+    keep = list(args.keep or [])
+    if not args.allow_batch_change:
+        keep.append(EFFECTIVE_BATCH)
+    return tuple(keep)
+
+
+def run(args) -> int:
+    from .estimate_cli import setup_from_args
+
+    setup = setup_from_args(args)
+    result = fit(setup, args.gpu, headroom=args.headroom, keep=_keep_from_args(args))
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0 if result.fits else 1
+    gpu = result.gpu
+    budget = f"{format_gib(result.budget_bytes)} = {format_gib(gpu.total_bytes)} − {result.headroom:.0%} headroom"
+    if not result.fits:
+        closest = result.closest
+        print(f"nothing in the lever space fits {gpu.name} ({budget}): the most-saving setup still peaks at "
+              f"{format_gib(closest.peak_bytes)} ({closest.estimate.peak_phase} phase)")
+        for change in result.changes(closest):
+            print(f"  {change['field']}: {_fmt(change['from'])} → {_fmt(change['to'])}")
+        return 1
+    print(f"fits {gpu.name} ({budget}): predicted peak {format_gib(result.peak_bytes)} "
+          f"in the {result.best.estimate.peak_phase} phase")
+    changes = result.changes()
+    if changes:
+        print("changes:")
+        for change in changes:
+            note = f" ({change['note']})" if change.get("note") else ""
+            print(f"  {change['field']}: {_fmt(change['from'])} → {_fmt(change['to'])}{note}")
+    else:
+        print("no change needed")
+    labels = {"batch": "per_device_train_batch_size", "capacity": "full fine-tuning / LoRA rank"}
+    for keeps, candidate in result.alternatives:
+        keeps = labels.get(keeps, keeps)
+        listed = ", ".join(f"{c['field']} → {_fmt(c['to'])}" for c in result.changes(candidate))
+        print(f"alternative keeping {keeps}: {listed or 'no change'} (peak {format_gib(candidate.peak_bytes)})")
+    print(f"searched {result.space_size} candidates, estimated {result.evaluated} in {result.seconds * 1000:.0f} ms")
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
