@@ -1,0 +1,443 @@
+"""Reports for CI and for people: a Markdown summary and one self-contained HTML picture.
+
+Both take the list of per-test result records the plugin produces (the JSON report's ``tests`` entries)::
+
+    {"nodeid", "mode", "budget_bytes", "budget_text", "setup", "predicted": Breakdown.to_dict() | None,
+     "measured": {"breakdown", "peak_reserved_bytes", "peak_allocated_bytes", "nvml_peak_bytes", "reasons"} | None,
+     "baseline": {"peak_bytes", "delta_bytes", "status", "message"} | None, "gpu": {"name", "total_bytes"} | None,
+     "verdict": "passed" | "failed" | "error" | "xfailed" | "skipped", "reason": str | None}
+
+- :func:`write_markdown`: a table (test, mode, budget, predicted, measured, baseline, delta, verdict) and
+  the failure reasons; appended to ``$GITHUB_STEP_SUMMARY`` too when that is set (GitHub Actions shows it
+  on the run's page).
+- :func:`write_html`: one file, no scripts, no network, no dependency: inline SVG only. An overview row per
+  test (the peak phase's components stacked, against the budget line, the measured peak and the baseline
+  marker, each row on its own scale so 50+ tests stay readable), then per test a stacked bar per phase.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .breakdown import PHASE_ORDER, Breakdown, Component
+from .units import GIB, format_gib
+
+VERDICT_SYMBOLS = {"passed": "✅", "failed": "❌", "error": "💥", "xfailed": "➖", "skipped": "⏭️"}
+BASELINE_SYMBOLS = {"grew": "📈", "shrank": "📉", "same": "", "missing": ""}
+#: plain-text arrows for the HTML: a CI browser or an offline laptop may lack an emoji font
+HTML_BASELINE_SYMBOLS = {"grew": "▲", "shrank": "▼", "same": "", "missing": ""}
+
+#: One colour per canonical component, stable across reports (tab20-like, no pure red: red is the budget).
+COMPONENT_COLOURS = {
+    Component.CUDA_CONTEXT.value: "#7f7f7f",
+    Component.WEIGHTS.value: "#1f77b4",
+    Component.LORA.value: "#17becf",
+    Component.GRADIENTS.value: "#ff7f0e",
+    Component.OPTIMIZER_STATES.value: "#9467bd",
+    Component.OPTIMIZER_TEMP.value: "#c5b0d5",
+    Component.REFERENCE.value: "#aec7e8",
+    Component.VLLM_WEIGHTS.value: "#2ca02c",
+    Component.VLLM_KV_CACHE.value: "#98df8a",
+    Component.VLLM_ACTIVATIONS.value: "#bcbd22",
+    Component.VLLM_CUDA_GRAPHS.value: "#dbdb8d",
+    Component.VLLM_NON_TORCH.value: "#637939",
+    Component.GENERATE_KV_CACHE.value: "#8c564b",
+    Component.GENERATE_LOGITS.value: "#c49c94",
+    Component.ACTIVATIONS.value: "#ffbb78",
+    Component.RECOMPUTED_LAYER.value: "#e7ba52",
+    Component.LOGITS.value: "#e377c2",
+    Component.ATTENTION_MASK.value: "#f7b6d2",
+    Component.WEIGHT_CASTS.value: "#9edae5",
+    Component.BATCH_BUFFERS.value: "#393b79",
+    Component.ALLOCATOR_SLACK.value: "#d9d9d9",
+    Component.OTHER.value: "#525252",
+}
+#: For component names a producer made up (a measurement's own buckets): picked by a stable hash.
+EXTRA_COLOURS = ("#843c39", "#ad494a", "#d6616b", "#e7969c", "#7b4173", "#a55194", "#ce6dbd", "#de9ed6",
+                 "#3182bd", "#6baed6", "#31a354", "#74c476", "#756bb1", "#9e9ac8", "#e6550d", "#fd8d3c")
+BUDGET_COLOUR = "#d00000"
+MEASURED_COLOUR = "#000000"
+BASELINE_COLOUR = "#0050d0"
+VERDICT_COLOURS = {"passed": "#1a7f37", "failed": "#cf222e", "error": "#cf222e", "xfailed": "#6e7781",
+                   "skipped": "#6e7781"}
+
+
+def component_colour(name: str) -> str:
+    return COMPONENT_COLOURS.get(name) or EXTRA_COLOURS[zlib.crc32(name.encode()) % len(EXTRA_COLOURS)]
+
+
+# -- reading a result record -------------------------------------------------------------------------
+def measured_peak(result: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    """The measured peak and what it is: NVML's device peak, else torch's peak reserved, else the measured
+    breakdown's peak (the order the budget check judges in: :func:`pytest_gpumem.marks.judged_peak`)."""
+    measured = result.get("measured") or {}
+    if measured.get("nvml_peak_bytes") is not None:
+        return "NVML", int(measured["nvml_peak_bytes"])
+    if measured.get("peak_reserved_bytes") is not None:
+        return "reserved", int(measured["peak_reserved_bytes"])
+    breakdown = _breakdown(measured.get("breakdown"))
+    if breakdown is not None and breakdown.phases:
+        return breakdown.source, breakdown.peak_bytes
+    return None, None
+
+
+def predicted_peak(result: Mapping[str, Any]) -> int | None:
+    breakdown = _breakdown(result.get("predicted"))
+    return breakdown.peak_bytes if breakdown is not None and breakdown.phases else None
+
+
+def _breakdown(data: Mapping[str, Any] | None) -> Breakdown | None:
+    return Breakdown.from_dict(data) if data and data.get("phases") is not None else None
+
+
+def _baseline(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    return result.get("baseline") or {}
+
+
+def _gib(num_bytes: int | None) -> str:
+    return "—" if num_bytes is None else format_gib(num_bytes)
+
+
+def _signed(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "—"
+    if num_bytes == 0:
+        return "±0"
+    return ("+" if num_bytes >= 0 else "−") + format_gib(abs(num_bytes))
+
+
+def _budget(result: Mapping[str, Any]) -> str:
+    """The budget as the user wrote it (``17 GB`` of ``17 GB = 15.83 GiB``), else in GiB."""
+    text = result.get("budget_text")
+    return str(text).split(" = ")[0] if text else _gib(result.get("budget_bytes"))
+
+
+def _counts(results: Sequence[Mapping[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.get("verdict") or "unknown"] = counts.get(result.get("verdict") or "unknown", 0) + 1
+    order = ["failed", "error", "passed", "xfailed", "skipped"]
+    names = sorted(counts, key=lambda v: (order.index(v) if v in order else len(order), v))
+    return ", ".join(f"{counts[name]} {name}" for name in names) or "no tests"
+
+
+def _context(results: Sequence[Mapping[str, Any]]) -> str:
+    modes = sorted({r.get("mode") for r in results if r.get("mode")})
+    gpus = sorted({r["gpu"]["name"] for r in results if r.get("gpu") and r["gpu"].get("name")})
+    parts = [f"mode: {', '.join(modes)}"] if modes else []
+    if gpus:
+        parts.append(f"GPU: {', '.join(gpus)}")
+    return " · ".join(parts)
+
+
+def _delta_text(result: Mapping[str, Any], symbols: Mapping[str, str] = BASELINE_SYMBOLS) -> str:
+    baseline = _baseline(result)
+    status = baseline.get("status")
+    if not status:
+        return "—"
+    if status == "missing":
+        return "no baseline"
+    if status == "same":
+        return f"{_signed(baseline.get('delta_bytes'))} (within tolerance)" if baseline.get("delta_bytes") else "±0"
+    return f"{_signed(baseline.get('delta_bytes'))} {status} {symbols.get(status, '')}".strip()
+
+
+# -- Markdown ------------------------------------------------------------------------------------------
+def _md_cell(text: Any) -> str:
+    # a table cell is one line; a pipe would end it (GFM honours \| even inside code spans)
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def render_markdown(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memory (pytest-gpumem)") -> str:
+    """The Markdown summary: counts, one table row per test, then the reasons of failures."""
+    lines = [f"## {title}", "", f"**{_counts(results)}**" + (f" · {_context(results)}" if _context(results) else ""), ""]
+    if not results:
+        lines.append("No test had a GPU memory budget.")
+        return "\n".join(lines) + "\n"
+    lines += ["| Test | Mode | Budget | Predicted | Measured | Baseline | Δ vs baseline | Verdict |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    for result in results:
+        what, measured = measured_peak(result)
+        measured_text = f"{_gib(measured)} ({what})" if measured is not None else "—"
+        verdict = result.get("verdict") or "unknown"
+        lines.append("| " + " | ".join(_md_cell(cell) for cell in (
+            f"`{result.get('nodeid', '?')}`", result.get("mode") or "—", _budget(result),
+            _gib(predicted_peak(result)), measured_text, _gib(_baseline(result).get("peak_bytes")),
+            _delta_text(result), f"{VERDICT_SYMBOLS.get(verdict, '')} {verdict}".strip())) + " |")
+    problems = [r for r in results if r.get("verdict") in ("failed", "error") and r.get("reason")]
+    grown = [r for r in results if _baseline(r).get("status") == "grew" and r not in problems]
+    if problems or grown:
+        lines += ["", "### Why", ""]
+        for result in problems + grown:
+            text = result.get("reason") or _baseline(result).get("message") or ""
+            lines += [f"<details><summary><code>{html.escape(str(result.get('nodeid')))}</code>: "
+                      f"{html.escape(_first_line(text))}</summary>", "", "```", str(text).replace("```", "'''"), "```",
+                      "", "</details>", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def write_markdown(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                   environ: Mapping[str, str] | None = None, title: str = "GPU memory (pytest-gpumem)") -> list[Path]:
+    """Write the summary to ``path``; append it to ``$GITHUB_STEP_SUMMARY`` when set. Returns the files."""
+    text = render_markdown(results, title=title)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    written = [target]
+    step_summary = (os.environ if environ is None else environ).get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        # appended, never overwritten: other steps write their own sections to the same file
+        with open(step_summary, "a", encoding="utf-8") as handle:
+            handle.write("\n" + text)
+        written.append(Path(step_summary))
+    return written
+
+
+# -- HTML + SVG ----------------------------------------------------------------------------------------
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
+h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px}
+.sub{color:#59636e;margin-bottom:12px}
+table{border-collapse:collapse;width:100%}
+th,td{padding:2px 8px;border-bottom:1px solid #e6e8eb;text-align:left;vertical-align:middle;white-space:nowrap}
+th{background:#f6f8fa;font-weight:600;position:sticky;top:0}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.test{white-space:normal;overflow-wrap:anywhere;min-width:240px;max-width:560px;font-family:ui-monospace,monospace;font-size:12px}
+.verdict{font-weight:600}
+.legend{display:flex;flex-wrap:wrap;gap:4px 14px;margin:8px 0 12px}
+.legend span{display:inline-flex;align-items:center;gap:4px;font-size:12px}
+.legend i{display:inline-block;width:12px;height:12px;border:1px solid #0002}
+.legend i.line{width:3px;height:14px;border:0}
+section.test{border-top:1px solid #d1d9e0;padding:8px 0}
+section.test h3{font-size:13px;font-family:ui-monospace,monospace;margin:4px 0;word-break:break-all}
+.facts{font-size:12px;color:#59636e}
+pre{background:#f6f8fa;padding:8px;white-space:pre-wrap;font-size:12px;margin:6px 0}
+a{color:inherit}
+small{color:#59636e}
+"""
+
+_OVERVIEW_WIDTH, _OVERVIEW_HEIGHT = 300, 16
+_DETAIL_LABEL_WIDTH, _DETAIL_PLOT_WIDTH, _DETAIL_ROW_HEIGHT = 130, 760, 16
+
+
+def _attr(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _scale_max(result: Mapping[str, Any], *breakdowns: Breakdown | None) -> int:
+    values = [result.get("budget_bytes"), measured_peak(result)[1], _baseline(result).get("peak_bytes")]
+    values += [b.peak_bytes for b in breakdowns if b is not None and b.phases]
+    biggest = max((int(v) for v in values if v), default=0)
+    return max(int(biggest * 1.06), 1)
+
+
+def _stacked_rects(components: Mapping[str, int], x0: float, y: float, height: float, px_per_byte: float,
+                   phase: str, css_class: str) -> list[str]:
+    """Largest component first (leftmost), so the same big parts line up across phases and tests."""
+    rects, x = [], x0
+    for name, num_bytes in sorted(components.items(), key=lambda kv: (-kv[1], kv[0])):
+        width = num_bytes * px_per_byte
+        if width <= 0:
+            continue
+        rects.append(f'<rect class="{css_class}" x="{x:.2f}" y="{y:.2f}" width="{width:.2f}" height="{height:.2f}" '
+                     f'fill="{component_colour(name)}"><title>{_attr(phase)} / {_attr(name)}: '
+                     f'{_attr(format_gib(num_bytes))}</title></rect>')
+        x += width
+    return rects
+
+
+def _markers(result: Mapping[str, Any], x0: float, px_per_byte: float, y0: float, y1: float) -> list[str]:
+    """Budget (red dashed), measured peak (black), baseline (blue dotted, with a diamond)."""
+    marks = []
+    budget = result.get("budget_bytes")
+    if budget:
+        x = x0 + budget * px_per_byte
+        marks.append(f'<line class="budget" x1="{x:.2f}" x2="{x:.2f}" y1="{y0 - 2:.2f}" y2="{y1 + 2:.2f}" '
+                     f'stroke="{BUDGET_COLOUR}" stroke-width="3" stroke-dasharray="5,3"><title>budget '
+                     f'{_attr(result.get("budget_text") or format_gib(budget))}</title></line>')
+    what, measured = measured_peak(result)
+    if measured is not None:
+        x = x0 + measured * px_per_byte
+        marks.append(f'<line class="measured" x1="{x:.2f}" x2="{x:.2f}" y1="{y0 - 2:.2f}" y2="{y1 + 2:.2f}" '
+                     f'stroke="{MEASURED_COLOUR}" stroke-width="2.5"><title>measured peak ({_attr(what)}) '
+                     f'{_attr(format_gib(measured))}</title></line>')
+    base = _baseline(result).get("peak_bytes")
+    if base is not None:
+        x = x0 + base * px_per_byte
+        mid = (y0 + y1) / 2
+        marks.append(f'<g class="baseline"><title>baseline {_attr(format_gib(base))} '
+                     f'({_attr(_baseline(result).get("status", ""))})</title>'
+                     f'<line x1="{x:.2f}" x2="{x:.2f}" y1="{y0 - 2:.2f}" y2="{y1 + 2:.2f}" stroke="{BASELINE_COLOUR}" '
+                     f'stroke-width="2" stroke-dasharray="2,2"/><path d="M{x:.2f},{mid - 5:.2f} l5,5 l-5,5 l-5,-5 z" '
+                     f'fill="{BASELINE_COLOUR}"/></g>')
+    return marks
+
+
+def _drawn_breakdowns(result: Mapping[str, Any]) -> list[tuple[str, Breakdown]]:
+    drawn = []
+    predicted = _breakdown(result.get("predicted"))
+    if predicted is not None and predicted.phases:
+        drawn.append(("predicted", predicted))
+    measured = _breakdown((result.get("measured") or {}).get("breakdown"))
+    if measured is not None and measured.phases:
+        drawn.append((measured.source if measured.source != "estimate" else "measured", measured))
+    return drawn
+
+
+def overview_svg(result: Mapping[str, Any]) -> str:
+    """One row: the peak phase of the main breakdown (measured if any, else predicted), stacked, plus markers."""
+    drawn = _drawn_breakdowns(result)
+    main = drawn[-1][1] if drawn else None
+    scale = _scale_max(result, *(b for _, b in drawn))
+    px = (_OVERVIEW_WIDTH - 8) / scale
+    parts = [f'<svg class="overview" width="{_OVERVIEW_WIDTH}" height="{_OVERVIEW_HEIGHT + 6}" role="img" '
+             f'aria-label="{_attr(result.get("nodeid", ""))}">',
+             f'<rect x="0" y="3" width="{_OVERVIEW_WIDTH - 8}" height="{_OVERVIEW_HEIGHT}" fill="#f6f8fa"/>']
+    if main is not None:
+        phase = main.peak_phase
+        parts += _stacked_rects(main.components(phase), 0, 3, _OVERVIEW_HEIGHT, px, phase, "segment")
+    parts += _markers(result, 0, px, 3, 3 + _OVERVIEW_HEIGHT)
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def detail_svg(result: Mapping[str, Any]) -> str:
+    """A stacked bar per phase (and per source when both a prediction and a measurement exist)."""
+    drawn = _drawn_breakdowns(result)
+    phases = [p for p in PHASE_ORDER if any(p in b.phases for _, b in drawn)]
+    phases += sorted({p for _, b in drawn for p in b.phases} - set(phases))
+    rows = [(phase, label, b) for phase in phases for label, b in drawn if phase in b.phases]
+    scale = _scale_max(result, *(b for _, b in drawn))
+    px = _DETAIL_PLOT_WIDTH / scale
+    gap, top = 4, 6
+    plot_bottom = top + len(rows) * (_DETAIL_ROW_HEIGHT + gap)
+    height = plot_bottom + 22
+    width = _DETAIL_LABEL_WIDTH + _DETAIL_PLOT_WIDTH + 20
+    parts = [f'<svg class="detail" width="{width}" height="{height}" role="img" '
+             f'aria-label="breakdown of {_attr(result.get("nodeid", ""))}">']
+    # GiB grid: a round step giving 4-10 ticks
+    step = _tick_step(scale)
+    tick = 0
+    while tick <= scale:
+        x = _DETAIL_LABEL_WIDTH + tick * px
+        parts.append(f'<line x1="{x:.2f}" x2="{x:.2f}" y1="{top - 2}" y2="{plot_bottom}" stroke="#e6e8eb"/>'
+                     f'<text x="{x:.2f}" y="{plot_bottom + 14}" font-size="10" text-anchor="middle" fill="#59636e">'
+                     f'{_attr(_tick_label(tick))}</text>')
+        tick += step
+    for index, (phase, label, breakdown) in enumerate(rows):
+        y = top + index * (_DETAIL_ROW_HEIGHT + gap)
+        weight = "600" if phase == breakdown.peak_phase else "400"
+        text = phase if len(drawn) == 1 else f"{phase} · {label[:4]}"
+        parts.append(f'<text x="{_DETAIL_LABEL_WIDTH - 6}" y="{y + _DETAIL_ROW_HEIGHT - 4}" font-size="11" '
+                     f'text-anchor="end" font-weight="{weight}" fill="#1f2328">{_attr(text)}</text>')
+        parts += _stacked_rects(breakdown.components(phase), _DETAIL_LABEL_WIDTH, y, _DETAIL_ROW_HEIGHT, px,
+                                f"{phase} ({label})", "segment")
+        total = breakdown.total(phase)
+        parts.append(f'<text x="{_DETAIL_LABEL_WIDTH + total * px + 4:.2f}" y="{y + _DETAIL_ROW_HEIGHT - 4}" '
+                     f'font-size="10" fill="#59636e">{_attr(format_gib(total))}</text>')
+    if rows or result.get("budget_bytes"):
+        parts += _markers(result, _DETAIL_LABEL_WIDTH, px, top, max(plot_bottom - gap, top + _DETAIL_ROW_HEIGHT))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _tick_step(scale_bytes: int) -> int:
+    for step_gib in (0.125, 0.25, 0.5, 1, 2, 4, 5, 10, 20, 40, 50, 100, 200, 500):
+        step = int(step_gib * GIB)
+        if scale_bytes / step <= 10:
+            return step
+    return max(scale_bytes // 8, 1)
+
+
+def _tick_label(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:g} GiB"
+
+
+def _legend(results: Sequence[Mapping[str, Any]]) -> str:
+    names: dict[str, None] = {}
+    for result in results:
+        for _, breakdown in _drawn_breakdowns(result):
+            for name in breakdown.component_names():
+                names.setdefault(name, None)
+    canonical = [c.value for c in Component if c.value in names]
+    ordered = canonical + sorted(n for n in names if n not in canonical)
+    items = [f'<span><i style="background:{component_colour(n)}"></i>{_attr(n)}</span>' for n in ordered]
+    items += [f'<span><i class="line" style="background:{BUDGET_COLOUR}"></i>budget</span>',
+              f'<span><i class="line" style="background:{MEASURED_COLOUR}"></i>measured peak</span>',
+              f'<span><i class="line" style="background:{BASELINE_COLOUR}"></i>baseline</span>']
+    return f'<div class="legend">{"".join(items)}</div>'
+
+
+def _setup_facts(setup: Mapping[str, Any] | None) -> str:
+    if not setup:
+        return ""
+    keys = ("model", "backend", "dtype", "load_in_4bit", "lora_rank", "per_device_train_batch_size", "num_generations",
+            "max_prompt_length", "max_completion_length", "gradient_checkpointing", "use_vllm", "vllm_gpu_memory_utilization")
+    return " · ".join(f"{key}={setup[key]}" for key in keys if setup.get(key) is not None)
+
+
+def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memory (pytest-gpumem)") -> str:
+    """One self-contained HTML document (inline CSS and SVG; no script, no external resource)."""
+    results = list(results)
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>{_attr(title)}</title><style>{_CSS}</style></head><body>",
+           f"<h1>{_attr(title)}</h1>",
+           f'<div class="sub">{_attr(_counts(results))}' + (f" · {_attr(_context(results))}" if _context(results) else "")
+           + "</div>", _legend(results)]
+    if not results:
+        out.append("<p>No test had a GPU memory budget.</p></body></html>")
+        return "\n".join(out)
+    out.append('<table class="overview"><thead><tr><th>Test</th><th>Verdict</th><th>Peak phase, against budget '
+               '(each row on its own scale)</th><th>Budget</th><th>Predicted</th><th>Measured</th><th>Baseline</th>'
+               "<th>Δ</th></tr></thead><tbody>")
+    for index, result in enumerate(results):
+        verdict = result.get("verdict") or "unknown"
+        what, measured = measured_peak(result)
+        out.append(
+            f'<tr class="{_attr(verdict)}"><td class="test"><a href="#t{index}">{_attr(result.get("nodeid", "?"))}</a></td>'
+            f'<td class="verdict" style="color:{VERDICT_COLOURS.get(verdict, "#1f2328")}">{_attr(verdict)}</td>'
+            f"<td>{overview_svg(result)}</td><td class=\"num\">{_attr(_budget(result))}</td>"
+            f'<td class="num">{_attr(_gib(predicted_peak(result)))}</td>'
+            f'<td class="num">{_attr(_gib(measured))}' + (f" <small>{_attr(what)}</small>" if what else "") + "</td>"
+            f'<td class="num">{_attr(_gib(_baseline(result).get("peak_bytes")))}</td>'
+            f'<td class="num">{_attr(_delta_text(result, HTML_BASELINE_SYMBOLS))}</td></tr>')
+    out.append("</tbody></table><h2>Per test: components by phase</h2>")
+    for index, result in enumerate(results):
+        verdict = result.get("verdict") or "unknown"
+        facts = [f"mode {result.get('mode') or '—'}", f"budget {result.get('budget_text') or _gib(result.get('budget_bytes'))}"]
+        if result.get("gpu"):
+            facts.append(f"GPU {result['gpu'].get('name')} ({_gib(result['gpu'].get('total_bytes'))})")
+        reasons = (result.get("measured") or {}).get("reasons") or {}
+        out.append(f'<section class="test" id="t{index}"><h3>{_attr(result.get("nodeid", "?"))} — '
+                   f'<span style="color:{VERDICT_COLOURS.get(verdict, "#1f2328")}">{_attr(verdict)}</span></h3>'
+                   f'<div class="facts">{_attr(" · ".join(facts))}</div>'
+                   f'<div class="facts">{_attr(_setup_facts(result.get("setup")))}</div>{detail_svg(result)}')
+        if reasons:
+            out.append('<div class="facts">not measured: ' + _attr("; ".join(f"{k}: {v}" for k, v in reasons.items()))
+                       + "</div>")
+        message = result.get("reason") or (_baseline(result).get("message") if _baseline(result).get("status") in
+                                           ("grew", "shrank", "missing") else None)
+        if message:
+            out.append(f"<pre>{_attr(message)}</pre>")
+        out.append("</section>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def write_html(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+               title: str = "GPU memory (pytest-gpumem)") -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_html(results, title=title), encoding="utf-8")
+    return target
+
