@@ -13,6 +13,12 @@ from .errors import GpuMemError
 COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("pytest_gpumem.estimate_cli", "predict the GPU memory of a GRPO setup, phase by phase"),
     "models": ("pytest_gpumem.models_cli", "list the built-in model registry"),
+    "simulate": ("pytest_gpumem.simulate", "trace the real architecture's GRPO step on CPU (FakeTensorMode), phase by phase"),
+    "run": ("pytest_gpumem.run_cli", "measure a setup for real: N GRPO steps in a fresh process (GPU or CPU)"),
+    "validate": ("pytest_gpumem.validate", "measure a matrix of setups on this GPU and write validation/<gpu>-<date>.json"),
+    "explain": ("pytest_gpumem.explain", "explain a CUDA OOM / vLLM refusal: figures, phase, tensor, ranked levers"),
+    "fit": ("pytest_gpumem.fit", "find the best setup that fits a GPU, keeping completions per optimizer step"),
+    "table": ("pytest_gpumem.table_cli", "quick-reference table of recommended setups by GPU size (Markdown)"),
 }
 
 
