@@ -126,20 +126,12 @@ class Estimate:
         }
 
 
-def _coerce_setup(setup: GRPOSetup | Mapping | str | Path) -> GRPOSetup:
-    if isinstance(setup, GRPOSetup):
-        return setup
-    if isinstance(setup, Mapping):
-        return GRPOSetup.from_dict(setup)
-    if isinstance(setup, (str, Path)):
-        return GRPOSetup.from_file(setup)
-    raise GpuMemError("setup", f"expected a GRPOSetup, dict or file path, got {type(setup).__name__}",
-                      fix="pass GRPOSetup.from_dict({...}) or a path to a JSON/TOML setup")
+_coerce_setup = GRPOSetup.coerce  # kept for simulate.py until it calls GRPOSetup.coerce itself
 
 
 def estimate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | None = None) -> Estimate:
     """Predict the per-phase memory of ``setup`` (optionally judged against ``gpu``: a size or card name)."""
-    return _Model(_coerce_setup(setup), resolve_gpu(gpu)).run()
+    return _Model(GRPOSetup.coerce(setup), resolve_gpu(gpu)).run()
 
 
 class _Model:

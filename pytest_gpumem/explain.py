@@ -35,6 +35,7 @@ from decimal import Decimal
 from typing import Any, Iterable, Mapping
 
 from .errors import GpuMemError, SetupError
+from .spec import GRPOSetup
 from .units import format_gib
 
 # -- units ------------------------------------------------------------------------------------------
@@ -985,7 +986,7 @@ def diagnose(text: str, setup: Any = None, gpu: Any = None, *, headroom: float =
     With ``setup`` (a GRPOSetup, dict or file path): the predicted breakdown of the phase that failed, the
     predicted tensor that matches the failed allocation, and the ranked levers judged against ``gpu``
     (default: the card's total as the message prints it, less other processes' memory)."""
-    from .estimate import _coerce_setup, estimate
+    from .estimate import estimate
     from .gpus import GPU, resolve_gpu
 
     if not isinstance(text, str):
@@ -1000,7 +1001,7 @@ def diagnose(text: str, setup: Any = None, gpu: Any = None, *, headroom: float =
     notes = _message_notes(message)
     if setup is None:
         return Diagnosis(message, phase, notes=tuple(notes))
-    setup = _coerce_setup(setup)
+    setup = GRPOSetup.coerce(setup)
     gpu = resolve_gpu(gpu)
     if gpu is None and message.values.get("total_bytes"):
         total = message.values["total_bytes"] - message.others_bytes

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping
 
 from .errors import GpuMemError, SetupError
 from .explain import min_vllm_utilization
+from .spec import GRPOSetup
 from .units import format_gib
 
 #: The dimensions, most important first, with why (what each costs when moved off the input's value).
@@ -240,8 +241,6 @@ def build_setup(base: Any, dims: list[Dimension], choice: tuple, utilization_flo
     combination breaks a TRL rule (e.g. the generation batch no longer divides by num_generations).
     ``utilization_floor``: the candidate's smallest vLLM utilisation that starts; the chosen utilisation is
     raised to it (and :data:`FLOOR` becomes it). Without it, FLOOR stands for the input's value."""
-    from .spec import GRPOSetup
-
     value = {dim.name: dim.options[index] for dim, index in zip(dims, choice)}
     data = {name: getattr(base, name) for name in base.explicit_fields}
     data["model"] = base.model
@@ -412,11 +411,10 @@ def fit(setup: Any, gpu: Any, headroom: float = 0.1, keep: Iterable[str] = DEFAU
     (:data:`DIMENSIONS`, ``lora_rank``, ``per_device_train_batch_size``) that must not change, plus
     ``"completions_per_optimizer_step"`` (the default) to keep ``b × gradient_accumulation_steps``.
     Alternatives: for each quality dimension the best result changed, the best setup that keeps it."""
-    from .estimate import _coerce_setup
     from .gpus import resolve_gpu
 
     started = time.perf_counter()
-    base = _coerce_setup(setup)
+    base = GRPOSetup.coerce(setup)
     gpu = resolve_gpu(gpu)
     if gpu is None:
         raise GpuMemError("gpu", "no GPU given", fix="pass a card name ('L4', 'A100-80GB') or a size ('24GiB')")
@@ -467,9 +465,8 @@ def _vllm_label(setup: Any) -> str:
 def table(setup: Any, sizes_gib: Iterable[float] = TABLE_SIZES_GIB, headroom: float = 0.1,
           keep: Iterable[str] = DEFAULT_KEEP) -> str:
     """A Markdown table of :func:`fit` results for ``setup`` on GPUs of ``sizes_gib`` (torch-reported GiB)."""
-    from .estimate import _coerce_setup
 
-    base = _coerce_setup(setup)
+    base = GRPOSetup.coerce(setup)
     header = ("| GPU | training | b × GA | G | completion | optimizer | checkpointing | log-probs | vLLM | "
               "predicted peak |")
     rows = [header, "|" + "---|" * 10]

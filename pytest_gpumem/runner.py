@@ -293,17 +293,6 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-def _coerce_setup(setup: GRPOSetup | Mapping | str | Path) -> GRPOSetup:
-    if isinstance(setup, GRPOSetup):
-        return setup
-    if isinstance(setup, Mapping):
-        return GRPOSetup.from_dict(setup)
-    if isinstance(setup, (str, Path)):
-        return GRPOSetup.from_file(setup)
-    raise GpuMemError("setup", f"expected a GRPOSetup, dict or file path, got {type(setup).__name__}",
-                      fix="pass GRPOSetup.from_dict({...}) or a path to a JSON/TOML setup")
-
-
 def backend_name(setup: GRPOSetup) -> str:
     if setup.backend == "unsloth":
         return "unsloth-vllm" if setup.use_vllm else "unsloth"
@@ -366,7 +355,7 @@ def run(setup: GRPOSetup | Mapping | str | Path, steps: int = 2, device: str = "
     into the child (one of ``_child.FAULTS``; for testing failure handling). Never raises for what happens in
     the child: an OOM, a crash, a hang (``timeout_s``) or a missing backend are results.
     """
-    setup = _coerce_setup(setup)
+    setup = GRPOSetup.coerce(setup)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GpuMemError("steps", f"must be a whole number ≥ 1, got {steps!r}", fix="e.g. steps=2")
     if device not in DEVICES:

@@ -200,6 +200,18 @@ class GRPOSetup:
         return cls(**kwargs)
 
     @classmethod
+    def coerce(cls, setup: "GRPOSetup | Mapping[str, Any] | str | Path") -> "GRPOSetup":
+        """Accept what users pass around: a GRPOSetup, a dict of settings, or a JSON/TOML file path."""
+        if isinstance(setup, GRPOSetup):
+            return setup
+        if isinstance(setup, Mapping):
+            return cls.from_dict(setup)
+        if isinstance(setup, (str, Path)):
+            return cls.from_file(setup)
+        raise SetupError("setup", f"expected a GRPOSetup, dict or file path, got {type(setup).__name__}",
+                         fix="pass GRPOSetup.from_dict({...}) or a path to a JSON/TOML setup")
+
+    @classmethod
     def from_file(cls, path: str | Path) -> "GRPOSetup":
         """Load a setup from a ``.json`` or ``.toml`` file (TOML: top level, or a ``[grpo]`` table)."""
         path = Path(path)
