@@ -50,11 +50,8 @@ VLLM_NON_TORCH_BYTES = int(0.13 * GIB)
 #: vLLM CUDA graphs: "0.3–1.5 GiB typically (0.36, 0.65 for gemma-3-4b)" (memory-model.md §3); TRL does not
 #: pass enforce_eager, so graphs are captured and counted inside the budget (vLLM ≥ 0.21).
 VLLM_CUDA_GRAPH_BYTES = int(0.5 * GIB)
-#: HF-style decoder block, bf16, sdpa, no checkpointing: saved bytes per token per layer ≈ 16h + 10h + 8I
-#: (measured on CPU, memory-model.md §5).
-ACT_H_COEFF, ACT_I_COEFF = 26, 8
-#: eager attention materialises scores and probabilities: heads × L² per layer in the compute dtype, twice.
-EAGER_SCORE_COPIES = 2
+#: Saved activations per block: derived op by op in _Model.layer_activation_bytes_per_token (the former
+#: constant 26h + 8I held for Llama/Qwen2 in bf16 only; see docs/accuracy.md).
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: components outside torch's caching allocator (the context) or in vLLM's own pool: no allocator slack
@@ -251,8 +248,10 @@ class _Model:
         if setup.is_lora:
             parts[Component.LORA.value] = self.lora_params() * self.lora_bytes_per_param()
         state_bytes, _ = OPTIMIZERS[setup.optim]
-        if setup.optim.startswith(("adamw_torch", "adamw_hf", "paged_adamw_32")):
-            # torch AdamW keeps exp_avg / exp_avg_sq in the parameter's dtype: 2 × param bytes
+        if setup.optim.startswith(("adamw_torch", "adamw_hf")):
+            # torch AdamW keeps exp_avg / exp_avg_sq in the parameter's dtype: 2 × param bytes. Not
+            # bitsandbytes' paged_adamw_32bit: Optimizer2State allocates fp32 state1/state2 whatever the
+            # parameter dtype (bnb/optim/optimizer.py, optim_bits=32) — OPTIMIZERS' 8 B/param stands
             state_bytes = 2 * self.trainable_bytes_per_param()
         parts[Component.OPTIMIZER_STATES.value] = int(self.trainable_params() * state_bytes)
         if setup.beta != 0 and not setup.is_lora:
@@ -361,16 +360,24 @@ class _Model:
         return passes
 
     def scoring(self) -> dict[str, int] | None:
-        """A no-grad forward over b rows (checkpointing off): one layer's transient plus the log-prob path."""
+        """A no-grad forward over b rows (checkpointing off). Its peak is either inside a block — the MLP's
+        gate, up and product live together (3 × I in bf16) beside the residual stream and the norm's output,
+        plus the per-linear bf16 cast of an fp32 norm output — or in the log-prob head, whichever is larger;
+        both sit on the hidden stream (b·L·h). Measured with the FakeTensor simulation
+        (tests/test_accuracy_matrix.py): adding the two, as this model did before, over-counted by up to 5%."""
         if not self.scoring_passes():
             return None
         setup, spec = self.setup, self.spec
-        b, length = setup.per_device_train_batch_size, setup.seq_len
-        layer_transient = b * length * (ACT_H_COEFF * spec.hidden_size * self.residual_bytes // 2
-                                        + ACT_I_COEFF * self._active_intermediate()) // 4
-        parts = {Component.ACTIVATIONS.value: layer_transient,
-                 Component.LOGITS.value: self.logits_bytes("scoring"),
-                 Component.ATTENTION_MASK.value: self.mask_bytes()}
+        tokens = setup.per_device_train_batch_size * setup.seq_len
+        h, r = spec.hidden_size, self.residual_bytes
+        hidden_stream = tokens * h * r
+        layer_peak = tokens * (6 * self._active_intermediate() + r * h + (4 * h if r == 4 else 0))
+        head_peak = self.logits_bytes("scoring")
+        if layer_peak >= head_peak:
+            parts = {Component.ACTIVATIONS.value: hidden_stream + layer_peak}
+        else:
+            parts = {Component.ACTIVATIONS.value: hidden_stream, Component.LOGITS.value: head_peak}
+        parts[Component.ATTENTION_MASK.value] = self.mask_bytes()
         return parts
 
     # -- training -------------------------------------------------------------------------------
@@ -380,19 +387,97 @@ class _Model:
             return spec.num_experts_per_tok * (spec.moe_intermediate_size or spec.intermediate_size)
         return spec.intermediate_size
 
+    # Saved activations, derived op by op from what autograd keeps in transformers 5's Llama/Qwen2/Qwen3/
+    # Gemma3 blocks under bf16 autocast (sdpa), and checked per layer against the FakeTensor simulation
+    # (pytest_gpumem/simulate.py): within 3% for those four families × {bf16, fp32} × {full, LoRA q/v, LoRA
+    # all-linear, QLoRA} × {sdpa, eager} (docs/accuracy.md). The old constant (26h + 8I) was right for Llama
+    # and Qwen2 in bf16 only: it missed Qwen3's/Gemma3's q/k norms, Gemma's four norms, the fp32 stream of
+    # fp32 weights and the extra input copies LoRA adapters save (Qwen3 bf16: 74.7h measured vs 50h).
+    _GEMMA_NORM_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+    def _lora_targets(self) -> frozenset:
+        return frozenset(self.setup.resolve_target_modules()) if self.setup.is_lora else frozenset()
+
+    def _linear_inputs_saved(self, x_bytes: int, consumers: tuple, features: int) -> int:
+        """Bytes per token kept for an input of ``features`` that feeds the Linears ``consumers``: a trained
+        Linear keeps its bf16 input (shared when the input already is bf16, else its own autocast copy); a
+        frozen base keeps nothing; a LoRA adapter keeps its own bf16 copy (PEFT casts the input to the
+        adapter's fp32 dtype, autocast back to bf16) unless adapter and input are both bf16 (QLoRA)."""
+        setup = self.setup
+        trained = not setup.is_lora
+        adapter_bf16 = setup.load_in_4bit and setup.backend == "trl"
+        targets = self._lora_targets()
+        shared, private = False, 0
+        for name in consumers:
+            if trained:
+                if x_bytes == 2:
+                    shared = True
+                else:
+                    private += 2 * features
+            if name in targets:
+                if adapter_bf16 and x_bytes == 2:
+                    shared = True
+                else:
+                    private += 2 * features
+        return (2 * features if shared else 0) + private
+
+    def _norm_saved(self, x_bytes: int, features: int, consumers: tuple = ()) -> int:
+        """An RMSNorm over ``features``: the fp32 upcast (a copy, or an fp32 input itself) is kept; a trained
+        weight also keeps the normalised tensor (input dtype; Gemma's ``x * (1 + w)`` in fp32); then what the
+        consuming Linears keep of its output."""
+        saved = 4 * features
+        if not self.setup.is_lora:
+            saved += (4 if self.spec.model_type in self._GEMMA_NORM_TYPES else x_bytes) * features
+        if consumers:
+            saved += self._linear_inputs_saved(x_bytes, consumers, features)
+        return saved
+
     def layer_activation_bytes_per_token(self) -> int:
-        """Saved activations of one block without checkpointing: ≈ 26h + 8I bytes/token at bf16 (sdpa),
-        the h-part doubled for an fp32 residual stream; eager attention adds heads × L scores twice."""
-        spec = self.spec
-        per_token = ACT_H_COEFF * spec.hidden_size * self.residual_bytes // 2 + ACT_I_COEFF * self._active_intermediate()
-        if self.setup.attn_implementation == "eager":
-            per_token += EAGER_SCORE_COPIES * spec.num_attention_heads * self.setup.seq_len * 2
+        """Saved activations of one block without checkpointing, bytes per token, excluding the per-layer mask
+        copy (:meth:`mask_copy_bytes`) and weight casts (:meth:`autocast_weight_copies`): norms, q/k norms,
+        rotated q, k and v (repeated copies for GQA when kv heads > 1: transformers' ``repeat_kv``), the
+        attention output, sdpa's fp32 log-sum-exp (eager: fp32 softmax + bf16 probabilities, 6·heads·L), the
+        MLP's gate, activation and up (and their product when down_proj keeps its input)."""
+        setup, spec = self.setup, self.spec
+        h, q, kv, heads = spec.hidden_size, spec.q_out, spec.kv_out, spec.num_attention_heads
+        inter = self._active_intermediate()
+        r = self.residual_bytes
+        trained = not setup.is_lora
+        gemma = spec.model_type in self._GEMMA_NORM_TYPES
+        adapter_bf16 = setup.load_in_4bit and setup.backend == "trl"
+        # autocast Linears emit bf16; bitsandbytes' Linear4bit casts its output back to the input's dtype
+        out_bytes = r if setup.load_in_4bit else 2
+        per_token = self._norm_saved(r, h, ("q_proj", "k_proj", "v_proj"))
+        if spec.qk_norm:
+            for features in (q, kv):
+                per_token += 4 * features
+                if trained:
+                    per_token += (4 if gemma else out_bytes) * features
+        repeats = spec.num_attention_heads // max(spec.num_key_value_heads, 1)
+        kv_saved = 2 * q if (repeats > 1 and spec.num_key_value_heads > 1) else 2 * kv
+        attn = setup.attn_implementation
+        if attn.startswith("flash"):
+            # varlen: unpadded q/k/v copies, output, fp32 LSE; the padded output copy feeds o_proj
+            per_token += 2 * q + 4 * kv + 2 * q + 4 * heads + 2 * q
+        else:
+            per_token += 2 * q + 2 * kv_saved + 2 * q
+            per_token += 6 * heads * setup.seq_len if attn == "eager" else 4 * heads
+        if "o_proj" in self._lora_targets() and not adapter_bf16:
+            per_token += 2 * q
+        if gemma:  # post-attention norm on o_proj's output
+            per_token += self._norm_saved(out_bytes, h)
+        per_token += self._norm_saved(r, h, ("gate_proj", "up_proj"))
+        per_token += 3 * out_bytes * inter
+        per_token += self._linear_inputs_saved(out_bytes, ("down_proj",), inter)
+        if gemma:  # post-feedforward norm
+            per_token += self._norm_saved(out_bytes, h)
         return per_token
 
     def saved_activations(self) -> int:
         """What the forward keeps for backward (memory-model.md §5): with checkpointing exactly one layer input
         per layer (h × residual bytes per token) plus ≈ 2h × residual bytes after the final norm; Unsloth's
-        offloaded checkpointing keeps ~2 layer-input buffers on the GPU; without checkpointing every block's."""
+        offloaded checkpointing keeps ~2 layer-input buffers on the GPU; without checkpointing every block's
+        (:meth:`layer_activation_bytes_per_token`; mask copies and weight casts are separate components)."""
         setup, spec = self.setup, self.spec
         tokens = setup.per_device_train_batch_size * setup.seq_len
         h = spec.hidden_size
@@ -403,25 +488,53 @@ class _Model:
         return tokens * (self.layer_activation_bytes_per_token() * spec.num_hidden_layers
                          + 2 * h * self.residual_bytes)
 
+    def recompute_temporaries_per_token(self) -> int:
+        """Backward temporaries of one block at its worst moment (the MLP's backward), bytes per token, fitted
+        to the FakeTensor simulation (±3h over Llama/Qwen2/Qwen3/Gemma3): trained MLP — the gradients of the
+        product, the activation and up (3 × 2I) minus the product already released, plus the incoming hidden
+        gradient; LoRA on down_proj — PEFT's fp32 copy of its input (4I) is alive too."""
+        setup, spec = self.setup, self.spec
+        inter, h = self._active_intermediate(), spec.hidden_size
+        if not setup.is_lora:
+            return 4 * inter + 2 * h
+        if "down_proj" in self._lora_targets() and not (setup.load_in_4bit and setup.backend == "trl"):
+            return 6 * inter + 10 * h
+        return 4 * inter + 9 * h
+
     def recomputed_layer(self) -> int:
-        """Under checkpointing, backward recomputes one block at a time and holds its activations plus the
-        incoming and outgoing hidden-state gradients."""
+        """The block being processed in backward, at its worst moment: under checkpointing its recomputed
+        activations, per-layer mask copy and weight casts plus the backward temporaries; without, only the
+        temporaries (its saved activations are counted with the others)."""
         setup = self.setup
-        if not setup.gradient_checkpointing:
-            return 0
         tokens = setup.per_device_train_batch_size * setup.seq_len
-        return tokens * (self.layer_activation_bytes_per_token() + 2 * self.spec.hidden_size * self.residual_bytes)
+        temporaries = tokens * self.recompute_temporaries_per_token()
+        if not setup.gradient_checkpointing:
+            return temporaries
+        return (tokens * self.layer_activation_bytes_per_token() + temporaries + self.mask_copy_bytes()
+                + self.autocast_weight_copies())
 
     def mask_bytes(self) -> int:
-        """SDPA with padding materialises a 4-D bool mask ≈ b·L² bytes; eager an additive mask in the compute
-        dtype; FlashAttention none (memory-model.md §2)."""
-        setup = self.setup
+        """The 4-D mask transformers builds once per forward for a padded batch: bool b·L² for sdpa (one per
+        attention kind: Gemma's sliding and full layers get one each when the window is shorter than L),
+        in the model's dtype for eager; FlashAttention none (memory-model.md §2)."""
+        setup, spec = self.setup, self.spec
         b, length = setup.per_device_train_batch_size, setup.seq_len
         if setup.attn_implementation.startswith("flash"):
             return 0
+        kinds = 2 if (spec.num_sliding_layers and spec.num_full_attention_layers and spec.sliding_window
+                      and spec.sliding_window < length) else 1
         if setup.attn_implementation == "eager":
-            return b * length * length * 2
-        return b * length * length
+            return b * length * length * self.residual_bytes * kinds
+        return b * length * length * kinds
+
+    def mask_copy_bytes(self) -> int:
+        """torch's ``scaled_dot_product_attention`` converts the bool mask to the query dtype on every call
+        (``convert_boolean_attn_mask``) and the kernel keeps it for backward: b·L² × 2 bytes per layer
+        (seen in the FakeTensor simulation as ``where`` outputs, one per layer)."""
+        setup = self.setup
+        if setup.attn_implementation != "sdpa":
+            return 0
+        return setup.per_device_train_batch_size * setup.seq_len ** 2 * 2
 
     def logits_bytes(self, when: str) -> int:
         """The log-prob path's transient for ``when`` in (forward, backward, scoring).
@@ -460,45 +573,112 @@ class _Model:
         total = tile + weight_tile_copy + hidden_compact + statistics
         if when == "backward":
             total += tokens * h * 4  # fp32 grad of the hidden states
+            # the backward loop's `w_chunk = weight[start:end].to(compute_dtype)` holds the previous vocabulary
+            # chunk's copy until the next one is assigned: two copies at once (FakeTensor simulation, fp32 head)
+            total += weight_tile_copy
+            if self.residual_bytes != 4:
+                # ChunkedLogProbFunction.backward returns grad_hidden.to(hidden.dtype): both alive at the return
+                total += tokens * h * self.residual_bytes
             if not setup.is_lora:
                 head_grad = vocab * h * 4
                 self.tensors.append((phase, f"lm_head weight grad ({vocab}, {h}) float32", head_grad))
                 total += head_grad
+                if self.weight_bytes_per_param != 4:
+                    # ... and grad_weight.to(weight.dtype) beside its fp32 accumulator (FakeTensor simulation:
+                    # Llama-3.2-1B, bf16: the 1002 MiB fp32 and 501 MiB bf16 head gradients coexist)
+                    total += vocab * h * self.weight_bytes_per_param
         return total
 
+    def gradient_parts(self) -> tuple[int, int, int]:
+        """(gradients made by the head's backward, gradients of one block, all gradients), bytes."""
+        setup, spec = self.setup, self.spec
+        grad_bytes = self.trainable_bytes_per_param()
+        total = self.trainable_params() * grad_bytes
+        if setup.is_lora:
+            return 0, self.lora_params() // max(spec.num_hidden_layers, 1) * grad_bytes, total
+        head = (spec.vocab_size * spec.hidden_size + spec.hidden_size) * grad_bytes
+        return head, spec.layer_params() * grad_bytes, total
+
     def training(self) -> dict[str, int]:
-        """One micro-step. Two candidate peaks (the larger is reported):
-        A — backward starts at the head: saved activations + the log-prob path's backward transient, with
-            gradients from earlier micro-steps when gradient_accumulation_steps > 1;
-        B — inside the backward of the blocks: all gradients + saved activations + the recomputed block."""
-        setup = self.setup
-        grads = self.trainable_params() * self.trainable_bytes_per_param()
-        grads_before = grads if setup.gradient_accumulation_steps > 1 else 0
-        activations = self.saved_activations()
-        mask = self.mask_bytes()
-        casts = self.autocast_weight_copies()
-        candidate_a = {Component.GRADIENTS.value: grads_before, Component.ACTIVATIONS.value: activations,
-                       Component.LOGITS.value: self.logits_bytes("backward"), Component.ATTENTION_MASK.value: mask,
-                       Component.WEIGHT_CASTS.value: casts}
-        candidate_b = {Component.GRADIENTS.value: grads, Component.ACTIVATIONS.value: activations,
-                       Component.RECOMPUTED_LAYER.value: self.recomputed_layer(),
-                       Component.ATTENTION_MASK.value: mask if setup.gradient_checkpointing else 0,
-                       Component.WEIGHT_CASTS.value: casts}
+        """One micro-step; the largest of four moments (checked against the FakeTensor simulation,
+        tests/test_accuracy_matrix.py, which found the old two-candidate model 10–25% off where B or C rule):
+
+        A — backward starts at the head: everything the forward saved + the log-prob path's backward
+            transient (+ earlier micro-steps' gradients when gradient_accumulation_steps > 1);
+        B — inside the blocks' backward, block i: the gradients of blocks > i and the saved activations of
+            blocks ≤ i — linear in i, so the worst is block n−1 (all activations) or block 0 (all block
+            gradients) — plus the block being processed (:meth:`recomputed_layer`);
+        C — the embedding's backward, last (full fine-tuning): all gradients plus, with tied embeddings, the
+            head's weight gradient parked in autograd's input buffer and the embedding's, summed out of place
+            (2 × V·h), plus the new gradient before it is added in place when gradients exist already;
+        F — the forward's end with fp32 weights under checkpointing: autocast caches the bf16 copy of every
+            trained weight until the forward returns."""
+        setup, spec = self.setup, self.spec
+        tokens = setup.per_device_train_batch_size * setup.seq_len
+        n_layers = spec.num_hidden_layers
+        vocab, h = spec.vocab_size, spec.hidden_size
+        checkpointing = bool(setup.gradient_checkpointing)
+        head_grads, layer_grads, all_grads = self.gradient_parts()
+        accumulating = setup.gradient_accumulation_steps > 1
+        grads_before = all_grads if accumulating else 0
+        saved = self.saved_activations()
+        mask, mask_copy, casts = self.mask_bytes(), self.mask_copy_bytes(), self.autocast_weight_copies()
+        # the lm_head's bf16 cast of fp32 weights is kept from the head's forward to its backward (a 4-bit
+        # base too: bitsandbytes leaves the head unquantised, in the model's dtype)
+        head_cast = vocab * h * 2 if (setup.dtype == "float32" and setup.logits == "materialized"
+                                      and setup.backend != "unsloth") else 0
+        mask_live = mask if checkpointing else 0
+        candidate_a = {Component.GRADIENTS.value: grads_before, Component.ACTIVATIONS.value: saved,
+                       Component.LOGITS.value: self.logits_bytes("backward"),
+                       Component.ATTENTION_MASK.value: mask_live + (0 if checkpointing else n_layers * mask_copy),
+                       Component.WEIGHT_CASTS.value: (0 if checkpointing else n_layers * casts) + head_cast}
+        # B: block n-1 (all saved activations live) or block 0 (all block gradients live)
+        if checkpointing and setup.gradient_checkpointing != "unsloth":
+            fixed = 2 * tokens * h * self.residual_bytes  # final-norm tensors: released before the blocks
+            per_layer_saved = tokens * h * self.residual_bytes
+        elif checkpointing:
+            fixed, per_layer_saved = 0, 0  # offloaded: the GPU keeps its two buffers either way
+        else:
+            fixed = 2 * tokens * h * self.residual_bytes
+            per_layer_saved = tokens * self.layer_activation_bytes_per_token()
+        recomputed = self.recomputed_layer()
+        last_block = {Component.GRADIENTS.value: all_grads if accumulating else head_grads,
+                      Component.ACTIVATIONS.value: saved,
+                      Component.RECOMPUTED_LAYER.value: recomputed - fixed,
+                      Component.ATTENTION_MASK.value: mask_live + (0 if checkpointing else n_layers * mask_copy),
+                      Component.WEIGHT_CASTS.value: 0 if checkpointing else n_layers * casts}
+        first_block = {Component.GRADIENTS.value: all_grads if accumulating
+                       else head_grads + (n_layers - 1) * layer_grads,
+                       Component.ACTIVATIONS.value: saved - (n_layers - 1) * per_layer_saved,
+                       Component.RECOMPUTED_LAYER.value: recomputed - fixed,
+                       Component.ATTENTION_MASK.value: mask_live + (0 if checkpointing else mask_copy),
+                       Component.WEIGHT_CASTS.value: 0 if checkpointing else casts}
+        candidates = [candidate_a, last_block, first_block]
+        if not setup.is_lora:
+            extra = (2 if spec.tie_word_embeddings else 0) + (1 if accumulating else 0)
+            candidates.append({Component.GRADIENTS.value: all_grads,
+                               Component.RECOMPUTED_LAYER.value: extra * vocab * h * self.trainable_bytes_per_param()})
+            if (setup.dtype == "float32" and checkpointing and not setup.load_in_4bit
+                    and setup.gradient_checkpointing != "unsloth"):
+                head_forward = (setup.per_device_train_batch_size * (setup.max_completion_length + 1) * vocab * 2
+                                if setup.logits == "materialized" else 0)
+                candidates.append({Component.GRADIENTS.value: grads_before, Component.ACTIVATIONS.value: saved,
+                                   Component.ATTENTION_MASK.value: mask,
+                                   Component.WEIGHT_CASTS.value: spec.linear_params() * 2 + head_cast,
+                                   Component.LOGITS.value: head_forward})
         self.tensors.append((Phase.TRAINING.value, f"checkpointed layer input ({setup.per_device_train_batch_size}, "
                                                    f"{setup.seq_len}, {self.spec.hidden_size})",
                              setup.per_device_train_batch_size * setup.seq_len * self.spec.hidden_size * self.residual_bytes))
-        return max(candidate_a, candidate_b, key=lambda parts: sum(parts.values()))
+        return max(candidates, key=lambda parts: sum(parts.values()))
 
     def autocast_weight_copies(self) -> int:
-        """fp32 weights under bf16 autocast: each Linear's weight is cast to bf16 per forward and the casts are
-        saved for backward; under checkpointing only the block being recomputed holds its casts."""
+        """fp32 weights under bf16 autocast: the bf16 copies of ONE block's Linear weights (trained weights are
+        cached by autocast, frozen ones re-cast per use; both kept for backward). Without checkpointing every
+        block keeps its own (×n_layers in :meth:`training`); with it, only the block being recomputed."""
         spec, setup = self.spec, self.setup
         if setup.dtype != "float32" or setup.load_in_4bit:
             return 0
-        per_layer = spec.linear_params() // max(spec.num_hidden_layers, 1)
-        if setup.gradient_checkpointing:
-            return per_layer * 2
-        return spec.linear_params() * 2
+        return spec.linear_params() // max(spec.num_hidden_layers, 1) * 2
 
     # -- optimizer step -------------------------------------------------------------------------
     def optimizer_step(self) -> dict[str, int]:

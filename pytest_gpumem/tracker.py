@@ -1,0 +1,219 @@
+"""Live-storage accounting for FakeTensor runs: a light ``TorchDispatchMode``.
+
+Every aten op's outputs are inspected; a storage seen for the first time is an allocation (views share their
+base's storage and cost nothing). A weak reference on the storage object reports its release — torch keeps
+one Python object per live storage (PyObject preservation), which is also what
+``torch.distributed._tools.mem_tracker.MemTracker`` relies on. Sizes are rounded up to the CUDA caching
+allocator's 512-byte granularity (``c10/cuda/CUDACachingAllocator.cpp``: ``kMinBlockSize = 512``).
+
+Compared with MemTracker this does no per-module bookkeeping and no category inference while running: it
+keeps an event log (allocation / release) and a record per allocation (region, module, op, shape, dtype),
+and reconstructs the live set at any phase's peak afterwards. That makes it 10–30× faster
+(shared/docs/cpu-simulation.md) and lets the caller attribute tensors to components with knowledge that
+only exists at the end of the run (which storages became ``.grad``, which ones the optimizer holds).
+
+This module imports torch; it is only imported by :mod:`pytest_gpumem.simulate` inside its functions.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+#: CUDA caching allocator: every block is a multiple of 512 bytes (kMinBlockSize).
+CUDA_BLOCK_BYTES = 512
+
+
+def cuda_rounded(num_bytes: int) -> int:
+    """Bytes the CUDA caching allocator hands out for a request of ``num_bytes`` (0 stays 0)."""
+    if num_bytes <= 0:
+        return 0
+    return -(-num_bytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+
+
+class AllocationRecord:
+    """One storage: its rounded size and where it was created."""
+
+    __slots__ = ("alloc_id", "num_bytes", "region", "module", "op", "shape", "dtype", "kind", "category", "key")
+
+    def __init__(self, alloc_id, num_bytes, region, module, op, shape, dtype, kind, category, key):
+        self.alloc_id = alloc_id
+        self.num_bytes = num_bytes
+        self.region = region  # the driver's label at allocation time ("forward", "head", "backward_layers", ...)
+        self.module = module  # qualified name of the innermost module whose forward was running
+        self.op = op  # aten overload that produced it ("mm.default"), or "registered"
+        self.shape = shape  # of the first tensor seen on this storage
+        self.dtype = dtype
+        self.kind = kind  # "op", "registered" or "weight_cast" (an autocast copy of a registered parameter)
+        self.category = category  # fixed category for registered storages, else None
+        self.key = key
+
+    def describe(self) -> str:
+        where = self.module or self.region
+        return f"{where}: {self.op} {tuple(self.shape)} {self.dtype}"
+
+
+@dataclass
+class PhaseMark:
+    """Event-log positions of one phase: where it started and where its peak was reached."""
+
+    name: str
+    start_event: int
+    peak_bytes: int
+    peak_event: int  # number of events applied when the peak was reached
+    end_event: int = -1
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Counts live storages under a ``FakeTensorMode`` (enter the fake mode first, then this one)."""
+
+    def __init__(self, round_bytes: bool = True):
+        super().__init__()
+        self.round_bytes = round_bytes
+        self.records: list[AllocationRecord] = []
+        self.events: list[int] = []  # alloc_id for an allocation, ~alloc_id for a release
+        self.current_bytes = 0
+        self.region = "setup"
+        self.module = ""
+        self.num_ops = 0
+        self._alloc_of_key: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self._registered_keys: set[int] = set()
+        self._phase: PhaseMark | None = None
+        self.phases: dict[str, PhaseMark] = {}
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _track(self, storage, op: str, tensor, kind: str = "op", category: str | None = None) -> int:
+        key = storage._cdata
+        existing = self._alloc_of_key.get(key)
+        if existing is not None:
+            return existing
+        raw = storage.nbytes()
+        num_bytes = cuda_rounded(raw) if self.round_bytes else raw
+        alloc_id = len(self.records)
+        self.records.append(AllocationRecord(alloc_id, num_bytes, self.region, self.module, op,
+                                             tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""),
+                                             kind, category, key))
+        self._alloc_of_key[key] = alloc_id
+        self._refs[alloc_id] = weakref.ref(storage, lambda _ref, alloc_id=alloc_id: self._release(alloc_id))
+        self.events.append(alloc_id)
+        self.current_bytes += num_bytes
+        phase = self._phase
+        if phase is not None and self.current_bytes > phase.peak_bytes:
+            phase.peak_bytes = self.current_bytes
+            phase.peak_event = len(self.events)
+        return alloc_id
+
+    def _release(self, alloc_id: int) -> None:
+        record = self.records[alloc_id]
+        if self._alloc_of_key.get(record.key) == alloc_id:
+            del self._alloc_of_key[record.key]
+        self._refs.pop(alloc_id, None)
+        self._registered_keys.discard(record.key)
+        self.events.append(~alloc_id)
+        self.current_bytes -= record.num_bytes
+
+    def register(self, tensor: torch.Tensor, category: str, name: str) -> int:
+        """Account a tensor created outside the mode (parameters, buffers) under a fixed category."""
+        storage = tensor.untyped_storage()
+        alloc_id = self._track(storage, name, tensor, kind="registered", category=category)
+        self._registered_keys.add(storage._cdata)
+        return alloc_id
+
+    def alloc_id(self, tensor: torch.Tensor) -> int | None:
+        """The allocation that holds ``tensor``'s storage, if it is live and tracked."""
+        return self._alloc_of_key.get(tensor.untyped_storage()._cdata)
+
+    # -- the dispatch hook ----------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.num_ops += 1
+        kind = "op"
+        # an autocast cast of a parameter (CPU and CUDA autocast both cast through aten._to_copy)
+        if (func is torch.ops.aten._to_copy.default and args and isinstance(args[0], torch.Tensor)
+                and args[0].untyped_storage()._cdata in self._registered_keys):
+            kind = "weight_cast"
+        if isinstance(out, torch.Tensor):
+            self._track(out.untyped_storage(), func.__name__, out, kind)
+        else:
+            for item in tree_flatten(out)[0]:
+                if isinstance(item, torch.Tensor):
+                    self._track(item.untyped_storage(), func.__name__, item, kind)
+        return out
+
+    # -- phases ---------------------------------------------------------------------------------
+    def begin_phase(self, name: str) -> None:
+        """Start watching for ``name``'s peak; the bytes live right now count as its floor."""
+        self._phase = PhaseMark(name, len(self.events), self.current_bytes, len(self.events))
+
+    def end_phase(self) -> PhaseMark:
+        phase = self._phase
+        if phase is None:
+            raise RuntimeError("end_phase() without begin_phase()")
+        phase.end_event = len(self.events)
+        self.phases[phase.name] = phase
+        self._phase = None
+        return phase
+
+    def live_sets(self, event_positions: list[int]) -> dict[int, list[int]]:
+        """The live allocation ids after the first ``n`` events, for each ``n`` in ``event_positions``
+        (one replay of the log for all of them)."""
+        wanted = sorted(set(event_positions))
+        result: dict[int, list[int]] = {}
+        live: dict[int, None] = {}
+        applied = 0
+        for position in wanted:
+            for event in self.events[applied:position]:
+                if event >= 0:
+                    live[event] = None
+                else:
+                    live.pop(~event, None)
+            applied = position
+            result[position] = list(live)
+        return result
+
+    def close(self) -> None:
+        """Drop the weak references (their callbacks would keep reporting after the run)."""
+        self._refs.clear()
+        self._alloc_of_key.clear()
+        self._registered_keys.clear()
+
+
+class ModuleNamer:
+    """Global forward hooks that tell the tracker which module is running, and call ``on_pre(name, module)``
+    for every module entered (the simulation uses it to notice recomputation during backward)."""
+
+    def __init__(self, tracker: LiveStorageTracker, named_modules, on_pre=None):
+        self.tracker = tracker
+        self.names = {id(module): name for name, module in named_modules}
+        self.on_pre = on_pre
+        self._handles = []
+
+    def __enter__(self):
+        names, tracker, on_pre = self.names, self.tracker, self.on_pre
+
+        def pre_hook(module, args):
+            name = names.get(id(module))
+            if name is not None:
+                tracker.module = name
+                if on_pre is not None:
+                    on_pre(name, module)
+
+        def post_hook(module, args, output):
+            name = names.get(id(module))
+            if name is not None:
+                tracker.module = name.rpartition(".")[0]
+
+        self._handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
+                         torch.nn.modules.module.register_module_forward_hook(post_hook)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return False
