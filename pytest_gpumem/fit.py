@@ -23,6 +23,7 @@ whole product (``benchmarks/bench_fit.py``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -66,7 +67,12 @@ TABLE_SIZES_GIB = (8, 12, 16, 24, 40, 48, 80, 141)
 @dataclass(frozen=True)
 class Dimension:
     name: str
-    options: tuple  # option values, the input's first, the most-saving last
+    options: tuple  # option values, the input's first, the most-saving last (when monotone)
+    #: False when a later option can need MORE memory than an earlier one, so the pruning bound must try
+    #: every option. The batch split is such a dimension: from the second micro-step on all gradients stay
+    #: live during the step, so b=4/GA=2 can peak above b=8/GA=1 (full FT; measured by the FakeTensor
+    #: simulation: Qwen2.5-1.5B 24.90 → 26.92 GiB).
+    monotone: bool = True
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ def dimensions(setup: Any, gpu: Any, keep: Iterable[str] = DEFAULT_KEEP) -> list
         elif name != EFFECTIVE_BATCH and name not in dims:
             raise GpuMemError("keep", f"unknown name {name!r}",
                               fix=f"use any of {', '.join((EFFECTIVE_BATCH,) + DIMENSIONS)} or lora_rank")
-    return [Dimension(name, dims[name]) for name in DIMENSIONS]
+    return [Dimension(name, dims[name], monotone=name not in NON_MONOTONE) for name in DIMENSIONS]
 
 
 def build_setup(base: Any, dims: list[Dimension], choice: tuple, utilization_floor: float | None = None) -> Any:
@@ -345,14 +351,34 @@ class _Search:
         self.cache[choice] = candidate
         return candidate
 
+    def _lowest(self, prefix: tuple, fixed: Mapping[int, int]) -> Candidate | None:
+        """The lowest-peak valid completion of ``prefix``: monotone dimensions at their last option, the
+        others (``Dimension.monotone`` False) at every option, forced dimensions as forced."""
+        per_level = []
+        for level in range(len(prefix), len(self.dims)):
+            dim = self.dims[level]
+            if level in fixed:
+                per_level.append((fixed[level],))
+            elif dim.monotone:
+                per_level.append((len(dim.options) - 1,))
+            else:
+                per_level.append(tuple(range(len(dim.options))))
+        lowest = None
+        for rest in itertools.product(*per_level):
+            candidate = self.evaluate(prefix + rest)
+            if candidate is not None and (lowest is None or (candidate.fits, -candidate.peak_bytes)
+                                          > (lowest.fits, -lowest.peak_bytes)):
+                lowest = candidate
+        return lowest
+
     def optimistic(self, prefix: tuple) -> Candidate | None:
         """``prefix`` completed with each remaining dimension's most-saving option that gives a valid setup
         (a later option first; e.g. splitting the generation batch may not divide)."""
-        rest = self.dims[len(prefix):]
-        choice = prefix + tuple(len(d.options) - 1 for d in rest)
-        candidate = self.evaluate(choice)
+        candidate = self._lowest(prefix, {})
         if candidate is not None:
             return candidate
+        rest = self.dims[len(prefix):]
+        choice = prefix + tuple(len(d.options) - 1 for d in rest)
         # the all-last completion is invalid: walk each remaining dimension back towards the input's option
         for position in range(len(prefix), len(self.dims)):
             for index in range(len(self.dims[position].options) - 2, -1, -1):
@@ -391,9 +417,12 @@ class _Search:
         if not fixed:
             return self.optimistic(prefix)
         # forced dimensions stay forced in the optimistic completion
-        rest = tuple(fixed.get(i, len(self.dims[i].options) - 1) for i in range(len(prefix), len(self.dims)))
-        candidate = self.evaluate(prefix + rest)
+        candidate = self._lowest(prefix, fixed)
         return candidate if candidate is not None else self.optimistic(prefix)
+
+
+#: dimensions whose last option is not always the most saving (see Dimension.monotone)
+NON_MONOTONE = frozenset({"batch"})
 
 
 def space_size(dims: list[Dimension]) -> int:
