@@ -142,6 +142,8 @@ class _Model:
         self.warnings: list[str] = []
         self.tensors: list[tuple[str, str, int]] = []  # (phase, description, bytes) for largest allocation
         self._lora_params: int | None = None
+        # resolved once: the estimate asks for the adapted Linears many times
+        self.lora_targets = frozenset(setup.resolve_target_modules()) if setup.is_lora else frozenset()
 
     # -- sizes of things ------------------------------------------------------------------------
     @property
@@ -164,7 +166,7 @@ class _Model:
 
     def _count_lora_params(self) -> int:
         shapes = self.spec.linear_shapes()
-        per_layer = sum(shapes[name][0] + shapes[name][1] for name in self.setup.resolve_target_modules())
+        per_layer = sum(shapes[name][0] + shapes[name][1] for name in self.lora_targets)
         return self.setup.lora_rank * per_layer * self.spec.num_hidden_layers
 
     def lora_bytes_per_param(self) -> int:
@@ -396,7 +398,7 @@ class _Model:
     _GEMMA_NORM_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
     def _lora_targets(self) -> frozenset:
-        return frozenset(self.setup.resolve_target_modules()) if self.setup.is_lora else frozenset()
+        return self.lora_targets
 
     def _linear_inputs_saved(self, x_bytes: int, consumers: tuple, features: int) -> int:
         """Bytes per token kept for an input of ``features`` that feeds the Linears ``consumers``: a trained
