@@ -158,3 +158,49 @@ class Breakdown:
 
 def _phase_sort_key(phase: str) -> tuple[int, str]:
     return (PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER), phase)
+
+
+class PeakJudgement:
+    """What an estimate and a simulation share: their peak, judged against a card.
+
+    Mixed into dataclasses that have ``breakdown`` (:class:`Breakdown`), ``gpu`` (a ``gpus.GPU`` or None)
+    and ``warnings`` (a "vLLM would refuse to start" warning means it cannot fit the card it was made for).
+    """
+
+    #: the verb of :meth:`summary`: "predicted" (estimate) or "simulated"
+    peak_verb = "predicted"
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.breakdown.peak_bytes
+
+    @property
+    def peak_phase(self) -> str | None:
+        return self.breakdown.peak_phase
+
+    @property
+    def total_bytes(self) -> int | None:
+        return self.gpu.total_bytes if self.gpu else None
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.total_bytes is None else self.total_bytes - self.peak_bytes
+
+    def fits(self, total_bytes: int | None = None, headroom: float = 0.0) -> bool:
+        """Whether the peak stays under ``total_bytes × (1 − headroom)`` (default: the card it was made for,
+        where vLLM must also be able to start)."""
+        from .errors import GpuMemError
+
+        total = self.total_bytes if total_bytes is None else total_bytes
+        if total is None:
+            raise GpuMemError("gpu", "no GPU size to judge the fit against", fix="pass gpu='24GiB' or a card name")
+        if total_bytes is None and any(w.startswith("vLLM would refuse") for w in self.warnings):
+            return False
+        return self.peak_bytes <= total * (1 - headroom)
+
+    def summary(self) -> str:
+        """One line: the peak, its phase and the three largest components."""
+        from .units import format_gib
+
+        top = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in self.breakdown.top_components())
+        return f"{self.peak_verb} peak {format_gib(self.peak_bytes)} in the {self.peak_phase} phase: {top}"

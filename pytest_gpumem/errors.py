@@ -14,10 +14,17 @@ class GpuMemError(ValueError):
         self.field = field
         self.problem = problem
         self.fix = fix
-        message = f"{field}: {problem}"
+        message = f"{self.shown_field}: {problem}"
         if fix:
             message += f" — fix: {fix}"
         super().__init__(message)
+
+
+    @property
+    def shown_field(self) -> str:
+        """The field as printed: quoted when it holds control or line-break characters (a key like
+        ``'a\x85b'`` would otherwise split or garble the one-line message)."""
+        return self.field if self.field.isprintable() else repr(self.field)
 
 
 class SetupError(GpuMemError):

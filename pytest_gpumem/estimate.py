@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .breakdown import Breakdown, Component, Phase
+from .breakdown import Breakdown, Component, Phase, PeakJudgement
 from .errors import GpuMemError
 from .gpus import GPU, resolve_gpu
 from .models import ModelSpec
@@ -60,7 +60,7 @@ _NOT_TORCH_ALLOCATED = frozenset([Component.CUDA_CONTEXT.value] + [c.value for c
 
 
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(PeakJudgement):
     """The predicted memory of one GRPO step: a :class:`Breakdown` plus what an OOM would report."""
 
     setup: GRPOSetup
@@ -71,36 +71,6 @@ class Estimate:
     largest_allocation_name: str
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...]
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.breakdown.peak_bytes
-
-    @property
-    def peak_phase(self) -> str:
-        return self.breakdown.peak_phase
-
-    @property
-    def total_bytes(self) -> int | None:
-        return self.gpu.total_bytes if self.gpu else None
-
-    def fits(self, total_bytes: int | None = None, headroom: float = 0.0) -> bool:
-        """Whether the peak stays under ``total_bytes × (1 − headroom)`` and vLLM can start."""
-        total = self.total_bytes if total_bytes is None else total_bytes
-        if total is None:
-            raise GpuMemError("gpu", "no GPU size to judge the fit against", fix="pass gpu='24GiB' or a card name")
-        if any(w.startswith("vLLM would refuse") for w in self.warnings) and total_bytes is None:
-            return False
-        return self.peak_bytes <= total * (1 - headroom)
-
-    @property
-    def headroom_bytes(self) -> int | None:
-        return None if self.total_bytes is None else self.total_bytes - self.peak_bytes
-
-    def summary(self) -> str:
-        """One line: the peak, its phase and the three largest components."""
-        top = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in self.breakdown.top_components())
-        return f"predicted peak {format_gib(self.peak_bytes)} in the {self.peak_phase} phase: {top}"
 
     def to_dict(self) -> dict[str, Any]:
         spec = self.model
@@ -121,9 +91,6 @@ class Estimate:
                       "source": spec.source, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
                       "num_hidden_layers": spec.num_hidden_layers},
         }
-
-
-_coerce_setup = GRPOSetup.coerce  # kept for simulate.py until it calls GRPOSetup.coerce itself
 
 
 def estimate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | None = None) -> Estimate:

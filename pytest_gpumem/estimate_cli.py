@@ -79,26 +79,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .estimate import estimate
-    from .report_text import breakdown_table
     from .units import format_gib
 
     setup = setup_from_args(args)
     result = estimate(setup, gpu=args.gpu)
-    if args.json:
+    spec = result.model
+    header = (f"{spec.name}: {spec.num_params / 1e9:.2f}B params ({spec.model_type}), backend {setup.backend}, "
+              f"b={setup.per_device_train_batch_size} G={setup.num_generations} "
+              f"GA={setup.gradient_accumulation_steps} P={setup.max_prompt_length} C={setup.max_completion_length}")
+    details = [f"largest single allocation: {result.largest_allocation_name} = "
+               f"{format_gib(result.largest_allocation_bytes)}"]
+    return print_result(result, args.json, header, details, verdict_note=" as torch reports it")
+
+
+def print_result(result, as_json: bool, header: str, details: list[str], verdict_note: str = "") -> int:
+    """Print an estimate or a simulation (JSON, or a table with its verdict, warnings and assumptions) and
+    return the exit status: 0 fits or no GPU given, 1 does not fit."""
+    from .report_text import breakdown_table
+    from .units import format_gib
+
+    if as_json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        spec = result.model
-        print(f"{spec.name}: {spec.num_params / 1e9:.2f}B params ({spec.model_type}), backend {setup.backend}, "
-              f"b={setup.per_device_train_batch_size} G={setup.num_generations} "
-              f"GA={setup.gradient_accumulation_steps} P={setup.max_prompt_length} C={setup.max_completion_length}")
+        print(header)
         print()
         print(breakdown_table(result.breakdown, total_bytes=result.total_bytes))
-        print(f"largest single allocation: {result.largest_allocation_name} = "
-              f"{format_gib(result.largest_allocation_bytes)}")
+        for line in details:
+            print(line)
         if result.gpu:
             verdict = "FITS" if result.fits() else "DOES NOT FIT"
-            print(f"{verdict} on {result.gpu.name} ({format_gib(result.gpu.total_bytes)} as torch reports it)")
+            print(f"{verdict} on {result.gpu.name} ({format_gib(result.gpu.total_bytes)}{verdict_note})")
         for warning in result.warnings:
             print(f"warning: {warning}")
         if result.assumptions:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -94,7 +95,7 @@ def resolve_gpu(gpu: str | int | float | GPU | None, *, field: str = "gpu") -> G
     if isinstance(gpu, bool):
         raise GpuMemError(field, f"expected a size or card name, got {gpu!r}", fix="e.g. '24GiB' or 'L4'")
     if isinstance(gpu, (int, float)):
-        if gpu <= 0:
+        if not math.isfinite(gpu) or gpu <= 0:
             raise GpuMemError(field, f"must be positive, got {gpu!r}", fix="e.g. '24GiB' or 'L4'")
         return GPU(f"{gpu / GIB:.2f} GiB", int(gpu), "size")
     text = str(gpu).strip()

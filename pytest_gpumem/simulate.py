@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .breakdown import Breakdown, Component, Phase
+from .breakdown import Breakdown, Component, PeakJudgement, Phase
 from .errors import GpuMemError
 from .gpus import GPU, resolve_gpu
 from .models import ModelSpec
@@ -76,8 +74,10 @@ class SimulationError(GpuMemError):
 
 
 @dataclass(frozen=True)
-class Simulation:
+class Simulation(PeakJudgement):
     """A simulated step: the breakdown, what was assumed, and the tensors alive at the peak."""
+
+    peak_verb = "simulated"
 
     setup: GRPOSetup
     model: ModelSpec
@@ -87,18 +87,6 @@ class Simulation:
     warnings: tuple[str, ...]
     elapsed_seconds: float
     num_ops: int
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.breakdown.peak_bytes
-
-    @property
-    def peak_phase(self) -> str | None:
-        return self.breakdown.peak_phase
-
-    @property
-    def total_bytes(self) -> int | None:
-        return self.gpu.total_bytes if self.gpu else None
 
     @property
     def largest_tensors(self) -> list[dict]:
@@ -121,22 +109,9 @@ class Simulation:
         top = tensors[0]
         return f"{top['name']} {tuple(top['shape'])} {top['dtype']}"
 
-    def fits(self, total_bytes: int | None = None, headroom: float = 0.0) -> bool:
-        """Whether the simulated peak stays under ``total_bytes × (1 − headroom)``. The simulation has no CUDA
-        context, allocator slack or vLLM: judge a real card with the estimate, or leave headroom."""
-        total = self.total_bytes if total_bytes is None else total_bytes
-        if total is None:
-            raise GpuMemError("gpu", "no GPU size to judge the fit against", fix="pass gpu='24GiB' or a card name")
-        return self.peak_bytes <= total * (1 - headroom)
-
-    @property
-    def headroom_bytes(self) -> int | None:
-        return None if self.total_bytes is None else self.total_bytes - self.peak_bytes
-
     def summary(self) -> str:
-        top = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in self.breakdown.top_components())
-        return (f"simulated peak {format_gib(self.peak_bytes)} in the {self.peak_phase} phase: {top} "
-                f"({self.elapsed_seconds:.1f} s, {self.num_ops} ops)")
+        # the simulated peak has no CUDA context, allocator slack or vLLM: judge a real card with the estimate
+        return f"{super().summary()} ({self.elapsed_seconds:.1f} s, {self.num_ops} ops)"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``gpumem estimate`` (same keys) plus ``largest_tensors`` and the run's cost."""
@@ -1176,35 +1151,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .estimate_cli import setup_from_args
-    from .report_text import breakdown_table
+    from .estimate_cli import print_result, setup_from_args
 
     setup = setup_from_args(args)
     result = run_simulation(setup, gpu=args.gpu, top_tensors=args.top)
-    if args.json:
-        json.dump(result.to_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        spec = result.model
-        print(f"{spec.name}: {spec.num_params / 1e9:.2f}B params ({spec.model_type}), simulated on CPU "
+    spec = result.model
+    header = (f"{spec.name}: {spec.num_params / 1e9:.2f}B params ({spec.model_type}), simulated on CPU "
               f"(FakeTensorMode) in {result.elapsed_seconds:.1f} s, b={setup.per_device_train_batch_size} "
               f"P={setup.max_prompt_length} C={setup.max_completion_length} logits={setup.logits}")
-        print()
-        print(breakdown_table(result.breakdown, total_bytes=result.total_bytes))
-        print()
-        print(f"largest tensors alive at the peak ({result.peak_phase}):")
-        for tensor in result.peak_tensors():
-            print(f"  {format_gib(tensor['bytes']):>12}  {tensor['component']:<22} {tensor['name']}: "
-                  f"{tensor['op']} {tuple(tensor['shape'])} {tensor['dtype']}")
-        if result.gpu:
-            verdict = "FITS" if result.fits() else "DOES NOT FIT"
-            print(f"{verdict} on {result.gpu.name} ({format_gib(result.gpu.total_bytes)}) — simulated torch "
-                  "tensors only: no CUDA context, allocator slack or vLLM")
-        for warning in result.warnings:
-            print(f"warning: {warning}")
-        print("assumptions:")
-        for assumption in result.assumptions:
-            print(f"  - {assumption}")
-    if result.gpu is None:
-        return 0
-    return 0 if result.fits() else 1
+    details = ["", f"largest tensors alive at the peak ({result.peak_phase}):"]
+    details += [f"  {format_gib(tensor['bytes']):>12}  {tensor['component']:<22} {tensor['name']}: "
+                f"{tensor['op']} {tuple(tensor['shape'])} {tensor['dtype']}" for tensor in result.peak_tensors()]
+    return print_result(result, args.json, header, details,
+                        verdict_note=" — simulated torch tensors only: no CUDA context, allocator slack or vLLM")

@@ -413,7 +413,8 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
                          "quantized models)", fix="set lora_rank (e.g. 16) or load_in_4bit=false")
     targets = setup.lora_target_modules
     if targets is not None and targets != "all-linear":
-        if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) \
+                or not all(isinstance(t, str) for t in targets):
             raise SetupError("lora_target_modules", f"expected a list of module names or 'all-linear', got {targets!r}",
                              fix="e.g. ['q_proj', 'v_proj'] or 'all-linear'")
 
@@ -446,7 +447,8 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
             fix=f"make per_device_train_batch_size a multiple of {g}, or set num_generations to a divisor of "
                 f"{generation_batch} ({', '.join(map(str, divisors)) or 'none ≥ 2'})")
 
-    # lengths
+    # lengths (the prompt length first: a completion length may be derived from it)
+    _require_int(setup, "max_prompt_length", 1, "use a positive max_prompt_length (prompt tokens)")
     if setup.max_seq_length is not None:
         _require_int(setup, "max_seq_length", 2, "use a positive max_seq_length")
         if "max_completion_length" not in setup.explicit_fields:
@@ -456,7 +458,6 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
                                  f"completion after max_prompt_length {setup.max_prompt_length}",
                                  fix="raise max_seq_length or lower max_prompt_length")
             _set(setup, "max_completion_length", completion)
-    _require_int(setup, "max_prompt_length", 1, "use a positive max_prompt_length (prompt tokens)")
     _require_int(setup, "max_completion_length", 1, "use a positive max_completion_length (completion tokens)")
 
     # checkpointing, optimizer, beta, attention
