@@ -361,8 +361,20 @@ def check_run_completed(record: Mapping[str, Any], item: Any = None) -> str | No
     reason = run.get("reason") or ""
     status = {"oom": "ran out of GPU memory", "crashed": "crashed", "timeout": "timed out"}.get(run["status"],
                                                                                                 run["status"])
-    return f"the measured GRPO run {status} against the {record.get('budget_text')} budget" + (
+    message = f"the measured GRPO run {status} against the {record.get('budget_text')} budget" + (
         f": {reason}" if reason else "")
+    if run["status"] == "oom" and record.get("setup"):
+        # explain it: the shortfall, the phase and which predicted tensor the failed allocation is (the levers
+        # follow in the failure text); an unreadable message only loses the explanation
+        from .errors import GpuMemError
+        from .explain import diagnose
+
+        text = (run.get("oom") or {}).get("message") or reason
+        try:
+            message += "\n" + diagnose(text, setup=record["setup"]).short(n=0)
+        except GpuMemError:
+            pass
+    return message
 
 
 def check_peak_within_budget(record: Mapping[str, Any], item: Any = None) -> str | None:

@@ -374,3 +374,20 @@ def test_a_reward_model_inside_generate_and_score_is_scoring():
         (f"{SP}/torch/nn/modules/linear.py", "forward", "return F.linear(input, self.weight, self.bias)"),
     ]
     assert parse(_traceback(*frames))[1].phase == "scoring"
+
+
+def test_a_measured_oom_fails_with_its_explanation():
+    """Issue 7, in the plugin: a measured step that OOMs fails its test with the shortfall and the phase (the
+    levers follow in the failure text)."""
+    from pytest_gpumem.marks import check_run_completed
+
+    text = next(m["text"] for m in FIXTURES if m["id"] == "torch-oom-018")
+    record = {"budget_text": "40 GB = 37.25 GiB",
+              "setup": {"model": "Qwen/Qwen2.5-7B", "lora_rank": 16, "dtype": "bfloat16"},
+              "measured": {"run": {"status": "oom", "reason": "CUDA out of memory. Tried to allocate 8.36 GiB",
+                                   "oom": {"message": text, "phase": "training"}}}}
+    message = check_run_completed(record)
+    first, explanation = message.splitlines()[:2]
+    assert first.startswith("the measured GRPO run ran out of GPU memory against the 40 GB = 37.25 GiB budget")
+    assert "short by 6.84 GiB in the training phase" in explanation
+    assert check_run_completed({**record, "measured": {"run": {"status": "ok"}}}) is None
