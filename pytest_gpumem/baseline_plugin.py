@@ -21,6 +21,7 @@ import pytest
 from .baseline import (DEFAULT_BASELINE_PATH, DEFAULT_TOLERANCE, BaselineStore, Tolerance, check_against_baseline,
                        hardware_key, record_from_result, software_versions)
 from .errors import GpuMemError
+from .ini import ini_bool, ini_value
 
 MARKER_KEYWORD = "baseline_tolerance"
 
@@ -48,13 +49,6 @@ def add_options(group: Any, parser: pytest.Parser) -> None:
                   help="pytest-gpumem: fail budgeted tests without a baseline")
 
 
-def _ini(config: pytest.Config, name: str) -> Any:
-    try:
-        return config.getini(name)
-    except (ValueError, TypeError) as exc:
-        raise pytest.UsageError(f"pytest-gpumem: ini option {name}: {exc}") from None
-
-
 def _resolve(path: str, base: Path) -> Path:
     target = Path(path).expanduser()
     return target if target.is_absolute() else base / target
@@ -68,9 +62,9 @@ class BaselineGate:
         self.manager = manager
         self.save = bool(config.getoption("gpu_budget_save", False))
         cli_strict = config.getoption("gpu_budget_strict", None)
-        self.strict = bool(cli_strict) if cli_strict is not None else bool(_ini(config, "gpu_budget_strict"))
+        self.strict = bool(cli_strict) if cli_strict is not None else ini_bool(config, "gpu_budget_strict")
         invocation_dir = Path(config.invocation_params.dir)
-        cli_path, ini_path = config.getoption("gpu_budget_baseline", None), _ini(config, "gpu_budget_baseline")
+        cli_path, ini_path = config.getoption("gpu_budget_baseline", None), ini_value(config, "gpu_budget_baseline")
         if cli_path:
             path = _resolve(cli_path, invocation_dir)
         elif ini_path:  # relative to the ini file, like the file it sits next to
@@ -78,7 +72,7 @@ class BaselineGate:
         else:
             path = Path(config.rootpath) / DEFAULT_BASELINE_PATH
         self.store = BaselineStore(path)
-        text = config.getoption("gpu_budget_baseline_tolerance", None) or _ini(config, "gpu_budget_baseline_tolerance")
+        text = config.getoption("gpu_budget_baseline_tolerance", None) or ini_value(config, "gpu_budget_baseline_tolerance")
         source = "--gpu-budget-baseline-tolerance" if config.getoption("gpu_budget_baseline_tolerance", None) else \
             "gpu_budget_baseline_tolerance"
         try:

@@ -34,6 +34,7 @@ import pytest
 from . import marks
 from .errors import GpuMemError
 from .fixtures import gpu_memory, grpo_step  # noqa: F401 - registers the fixtures with pytest
+from .ini import ini_bool, ini_value
 from .units import format_gib
 
 MODES = ("auto", "estimate", "simulate", "measure")
@@ -90,22 +91,14 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
                 args[index] = "--gpu-budget="
 
 
-def _ini(config: pytest.Config, name: str) -> Any:
-    """``config.getini`` with a usage error that names the key (pytest raises a bare ValueError/TypeError)."""
-    try:
-        return config.getini(name)
-    except (ValueError, TypeError) as exc:
-        raise pytest.UsageError(f"pytest-gpumem: ini option {name}: {exc}") from None
-
-
 def resolve_mode(config: pytest.Config) -> tuple[str | None, str]:
     """The session's mode (None = inert) and why. CLI overrides ini; ``auto`` is decided here."""
     cli = config.getoption("gpu_budget", None)
     if cli is not None and cli.strip().lower() == OFF:
         return None, "--gpu-budget=off"
-    if cli is None and not _ini(config, "gpu_budget"):
+    if cli is None and not ini_bool(config, "gpu_budget"):
         return None, "--gpu-budget not given"
-    requested = (cli or "").strip().lower() or str(_ini(config, "gpu_budget_mode") or "auto").strip().lower()
+    requested = (cli or "").strip().lower() or str(ini_value(config, "gpu_budget_mode") or "auto").strip().lower()
     source = "--gpu-budget" if (cli or "").strip() else "ini gpu_budget_mode"
     if requested not in MODES:
         raise pytest.UsageError(f"pytest-gpumem: {source}: unknown mode {requested!r}; use one of "
@@ -132,8 +125,8 @@ def resolve_mode(config: pytest.Config) -> tuple[str | None, str]:
 
 
 def _defaults(config: pytest.Config) -> marks.Defaults:
-    size = config.getoption("gpu_budget_default", None) or _ini(config, "gpu_budget_default")
-    gpu = config.getoption("gpu_budget_gpu", None) or _ini(config, "gpu_budget_gpu")
+    size = config.getoption("gpu_budget_default", None) or ini_value(config, "gpu_budget_default")
+    gpu = config.getoption("gpu_budget_gpu", None) or ini_value(config, "gpu_budget_gpu")
     budget_bytes = budget_text = gpu_spec = None
     try:
         if size:
