@@ -101,10 +101,16 @@ class Breakdown:
 
     @property
     def peak_phase(self) -> str | None:
-        if not self.phases:
+        names = self.phase_names()
+        if not names:
             return None
         # ties go to the earlier phase in pipeline order: that is where an OOM would happen first
-        return max(self.phase_names(), key=lambda p: (self.total(p), -self.phase_names().index(p)))
+        best, best_total = names[0], self.total(names[0])
+        for phase in names[1:]:
+            total = self.total(phase)
+            if total > best_total:
+                best, best_total = phase, total
+        return best
 
     @property
     def peak_bytes(self) -> int:

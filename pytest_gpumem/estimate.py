@@ -54,8 +54,24 @@ VLLM_CUDA_GRAPH_BYTES = int(0.5 * GIB)
 #: constant 26h + 8I held for Llama/Qwen2 in bf16 only; see docs/accuracy.md).
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class _C:
+    """Component names as plain strings: an Enum member's ``.value`` is a descriptor call (~0.4 µs), and an
+    estimate names components some fifty times — a fifth of its time when fit() explores 10,000 candidates."""
+
+
+class _P:
+    """Phase names as plain strings (see :class:`_C`)."""
+
+
+for _member in Component:
+    setattr(_C, _member.name, _member.value)
+for _member in Phase:
+    setattr(_P, _member.name, _member.value)
+del _member
 #: components outside torch's caching allocator (the context) or in vLLM's own pool: no allocator slack
-_NOT_TORCH_ALLOCATED = frozenset([Component.CUDA_CONTEXT.value] + [c.value for c in Component
+_NOT_TORCH_ALLOCATED = frozenset([_C.CUDA_CONTEXT] + [c.value for c in Component
                                                                      if c.value.startswith("vllm_")])
 
 
@@ -167,14 +183,14 @@ class _Model:
         setup = self.setup
         self._note_assumptions()
         persistent = self.persistent()
-        phases: dict[str, dict[str, int]] = {Phase.PERSISTENT.value: dict(persistent)}
-        phases[Phase.GENERATION.value] = self._with_slack({**persistent, **self.generation()})
+        phases: dict[str, dict[str, int]] = {_P.PERSISTENT: dict(persistent)}
+        phases[_P.GENERATION] = self._with_slack({**persistent, **self.generation()})
         scoring = self.scoring()
         if scoring is not None:
-            phases[Phase.SCORING.value] = self._with_slack({**self._persistent_awake(persistent), **scoring})
-        phases[Phase.TRAINING.value] = self._with_slack({**self._persistent_awake(persistent), **self.training()})
-        phases[Phase.OPTIMIZER.value] = self._with_slack({**self._persistent_awake(persistent), **self.optimizer_step()})
-        phases[Phase.PERSISTENT.value] = self._with_slack(self._persistent_awake(persistent))
+            phases[_P.SCORING] = self._with_slack({**self._persistent_awake(persistent), **scoring})
+        phases[_P.TRAINING] = self._with_slack({**self._persistent_awake(persistent), **self.training()})
+        phases[_P.OPTIMIZER] = self._with_slack({**self._persistent_awake(persistent), **self.optimizer_step()})
+        phases[_P.PERSISTENT] = self._with_slack(self._persistent_awake(persistent))
         breakdown = Breakdown(phases=phases, source="estimate")
         peak_phase = breakdown.peak_phase
         candidates = [t for t in self.tensors if t[0] == peak_phase] or self.tensors
@@ -212,27 +228,27 @@ class _Model:
         """Context, weights, LoRA, optimizer states, reference model, vLLM reservation, batch buffers
         (memory-model.md §1.1). Gradients are not persistent: ``zero_grad(set_to_none=True)`` frees them."""
         setup, spec = self.setup, self.spec
-        parts = {Component.CUDA_CONTEXT.value: CUDA_CONTEXT_BYTES}
-        parts[Component.WEIGHTS.value] = self.base_weight_bytes()
+        parts = {_C.CUDA_CONTEXT: CUDA_CONTEXT_BYTES}
+        parts[_C.WEIGHTS] = self.base_weight_bytes()
         if setup.is_lora:
-            parts[Component.LORA.value] = self.lora_params() * self.lora_bytes_per_param()
+            parts[_C.LORA] = self.lora_params() * self.lora_bytes_per_param()
         state_bytes, _ = OPTIMIZERS[setup.optim]
         if setup.optim.startswith(("adamw_torch", "adamw_hf")):
             # torch AdamW keeps exp_avg / exp_avg_sq in the parameter's dtype: 2 × param bytes. Not
             # bitsandbytes' paged_adamw_32bit: Optimizer2State allocates fp32 state1/state2 whatever the
             # parameter dtype (bnb/optim/optimizer.py, optim_bits=32) — OPTIMIZERS' 8 B/param stands
             state_bytes = 2 * self.trainable_bytes_per_param()
-        parts[Component.OPTIMIZER_STATES.value] = int(self.trainable_params() * state_bytes)
+        parts[_C.OPTIMIZER_STATES] = int(self.trainable_params() * state_bytes)
         if setup.beta != 0 and not setup.is_lora:
             # a full second model, loaded by the same dtype rule (memory-model.md §2)
-            parts[Component.REFERENCE.value] = spec.num_params * self.weight_bytes_per_param
+            parts[_C.REFERENCE] = spec.num_params * self.weight_bytes_per_param
         parts.update(self.vllm_reservation())
         if setup.backend == "unsloth" and setup.use_vllm:
             # fast_inference: the training model is built on vLLM's tensors — one copy of the base weights
-            parts[Component.WEIGHTS.value] = 0
+            parts[_C.WEIGHTS] = 0
         rows = setup.generation_batch_size
         # the buffered generation batch: ids + masks (int64), old/ref log-probs and advantages (fp32)
-        parts[Component.BATCH_BUFFERS.value] = rows * setup.seq_len * (8 + 8 + 4 + 4)
+        parts[_C.BATCH_BUFFERS] = rows * setup.seq_len * (8 + 8 + 4 + 4)
         return parts
 
     def vllm_reservation(self) -> dict[str, int]:
@@ -260,10 +276,10 @@ class _Model:
             kv_cache = self.kv_cache_needed()
             self.assumptions.append("no GPU given: vLLM's KV cache sized for one generation batch; on a card it "
                                     "fills gpu_memory_utilization × total — pass gpu= for the real reservation")
-        return {Component.VLLM_WEIGHTS.value: vllm_weights, Component.VLLM_ACTIVATIONS.value: activations,
-                Component.VLLM_NON_TORCH.value: VLLM_NON_TORCH_BYTES,
-                Component.VLLM_CUDA_GRAPHS.value: VLLM_CUDA_GRAPH_BYTES,
-                Component.VLLM_KV_CACHE.value: max(kv_cache, 0)}
+        return {_C.VLLM_WEIGHTS: vllm_weights, _C.VLLM_ACTIVATIONS: activations,
+                _C.VLLM_NON_TORCH: VLLM_NON_TORCH_BYTES,
+                _C.VLLM_CUDA_GRAPHS: VLLM_CUDA_GRAPH_BYTES,
+                _C.VLLM_KV_CACHE: max(kv_cache, 0)}
 
     def vllm_activation_peak(self) -> int:
         """vLLM profiles one dummy forward of max_num_batched_tokens tokens: the MLP's gate/up outputs and
@@ -292,8 +308,8 @@ class _Model:
         if not (self.setup.use_vllm and self.setup.vllm_mode == "colocate" and self.setup.vllm_enable_sleep_mode):
             return dict(persistent)
         return {k: v for k, v in persistent.items()
-                if k not in (Component.VLLM_WEIGHTS.value, Component.VLLM_KV_CACHE.value,
-                             Component.VLLM_ACTIVATIONS.value)}
+                if k not in (_C.VLLM_WEIGHTS, _C.VLLM_KV_CACHE,
+                             _C.VLLM_ACTIVATIONS)}
 
     # -- generation -----------------------------------------------------------------------------
     def generation(self) -> dict[str, int]:
@@ -305,14 +321,14 @@ class _Model:
             return {}
         rows = setup.generation_batch_size
         kv_cache = self.kv_cache_needed()
-        self.tensors.append((Phase.GENERATION.value, f"generate KV cache, one layer ({rows} rows × {setup.seq_len} tokens)",
+        self.tensors.append((_P.GENERATION, f"generate KV cache, one layer ({rows} rows × {setup.seq_len} tokens)",
                              kv_cache // max(spec.num_hidden_layers, 1)))
         # logits of the last position, upcast to fp32 by generate, plus the softmax/sampling copy
         logits = rows * spec.vocab_size * 4 * 2
         # the prefill runs the prompt through one layer at a time under no_grad: MLP gate/up/act + 4 h-sized
         prefill = rows * setup.max_prompt_length * (3 * spec.intermediate_size + 4 * spec.hidden_size) * 2
-        return {Component.GENERATE_KV_CACHE.value: kv_cache, Component.GENERATE_LOGITS.value: logits,
-                Component.ACTIVATIONS.value: prefill}
+        return {_C.GENERATE_KV_CACHE: kv_cache, _C.GENERATE_LOGITS: logits,
+                _C.ACTIVATIONS: prefill}
 
     # -- scoring --------------------------------------------------------------------------------
     def scoring_passes(self) -> list[str]:
@@ -343,10 +359,10 @@ class _Model:
         layer_peak = tokens * (6 * self._active_intermediate() + r * h + (4 * h if r == 4 else 0))
         head_peak = self.logits_bytes("scoring")
         if layer_peak >= head_peak:
-            parts = {Component.ACTIVATIONS.value: hidden_stream + layer_peak}
+            parts = {_C.ACTIVATIONS: hidden_stream + layer_peak}
         else:
-            parts = {Component.ACTIVATIONS.value: hidden_stream, Component.LOGITS.value: head_peak}
-        parts[Component.ATTENTION_MASK.value] = self.mask_bytes()
+            parts = {_C.ACTIVATIONS: hidden_stream, _C.LOGITS: head_peak}
+        parts[_C.ATTENTION_MASK] = self.mask_bytes()
         return parts
 
     # -- training -------------------------------------------------------------------------------
@@ -516,7 +532,7 @@ class _Model:
         setup, spec = self.setup, self.spec
         b, completion = setup.per_device_train_batch_size, setup.max_completion_length
         vocab, h = spec.vocab_size, spec.hidden_size
-        phase = Phase.SCORING.value if when == "scoring" else Phase.TRAINING.value
+        phase = _P.SCORING if when == "scoring" else _P.TRAINING
         if setup.backend == "unsloth":
             length = setup.seq_len
             tokens_per_chunk = -(-length // max(4, length // 4096))
@@ -597,10 +613,10 @@ class _Model:
         head_cast = vocab * h * 2 if (setup.dtype == "float32" and setup.logits == "materialized"
                                       and setup.backend != "unsloth") else 0
         mask_live = mask if checkpointing else 0
-        candidate_a = {Component.GRADIENTS.value: grads_before, Component.ACTIVATIONS.value: saved,
-                       Component.LOGITS.value: self.logits_bytes("backward"),
-                       Component.ATTENTION_MASK.value: mask_live + (0 if checkpointing else n_layers * mask_copy),
-                       Component.WEIGHT_CASTS.value: (0 if checkpointing else n_layers * casts) + head_cast}
+        candidate_a = {_C.GRADIENTS: grads_before, _C.ACTIVATIONS: saved,
+                       _C.LOGITS: self.logits_bytes("backward"),
+                       _C.ATTENTION_MASK: mask_live + (0 if checkpointing else n_layers * mask_copy),
+                       _C.WEIGHT_CASTS: (0 if checkpointing else n_layers * casts) + head_cast}
         # B: block n-1 (all saved activations live) or block 0 (all block gradients live)
         if checkpointing and setup.gradient_checkpointing != "unsloth":
             fixed = 2 * tokens * h * self.residual_bytes  # final-norm tensors: released before the blocks
@@ -611,31 +627,31 @@ class _Model:
             fixed = 2 * tokens * h * self.residual_bytes
             per_layer_saved = tokens * self.layer_activation_bytes_per_token()
         recomputed = self.recomputed_layer()
-        last_block = {Component.GRADIENTS.value: all_grads if accumulating else head_grads,
-                      Component.ACTIVATIONS.value: saved,
-                      Component.RECOMPUTED_LAYER.value: recomputed - fixed,
-                      Component.ATTENTION_MASK.value: mask_live + (0 if checkpointing else n_layers * mask_copy),
-                      Component.WEIGHT_CASTS.value: 0 if checkpointing else n_layers * casts}
-        first_block = {Component.GRADIENTS.value: all_grads if accumulating
+        last_block = {_C.GRADIENTS: all_grads if accumulating else head_grads,
+                      _C.ACTIVATIONS: saved,
+                      _C.RECOMPUTED_LAYER: recomputed - fixed,
+                      _C.ATTENTION_MASK: mask_live + (0 if checkpointing else n_layers * mask_copy),
+                      _C.WEIGHT_CASTS: 0 if checkpointing else n_layers * casts}
+        first_block = {_C.GRADIENTS: all_grads if accumulating
                        else head_grads + (n_layers - 1) * layer_grads,
-                       Component.ACTIVATIONS.value: saved - (n_layers - 1) * per_layer_saved,
-                       Component.RECOMPUTED_LAYER.value: recomputed - fixed,
-                       Component.ATTENTION_MASK.value: mask_live + (0 if checkpointing else mask_copy),
-                       Component.WEIGHT_CASTS.value: 0 if checkpointing else casts}
+                       _C.ACTIVATIONS: saved - (n_layers - 1) * per_layer_saved,
+                       _C.RECOMPUTED_LAYER: recomputed - fixed,
+                       _C.ATTENTION_MASK: mask_live + (0 if checkpointing else mask_copy),
+                       _C.WEIGHT_CASTS: 0 if checkpointing else casts}
         candidates = [candidate_a, last_block, first_block]
         if not setup.is_lora:
             extra = (2 if spec.tie_word_embeddings else 0) + (1 if accumulating else 0)
-            candidates.append({Component.GRADIENTS.value: all_grads,
-                               Component.RECOMPUTED_LAYER.value: extra * vocab * h * self.trainable_bytes_per_param()})
+            candidates.append({_C.GRADIENTS: all_grads,
+                               _C.RECOMPUTED_LAYER: extra * vocab * h * self.trainable_bytes_per_param()})
             if (setup.dtype == "float32" and checkpointing and not setup.load_in_4bit
                     and setup.gradient_checkpointing != "unsloth"):
                 head_forward = (setup.per_device_train_batch_size * (setup.max_completion_length + 1) * vocab * 2
                                 if setup.logits == "materialized" else 0)
-                candidates.append({Component.GRADIENTS.value: grads_before, Component.ACTIVATIONS.value: saved,
-                                   Component.ATTENTION_MASK.value: mask,
-                                   Component.WEIGHT_CASTS.value: spec.linear_params() * 2 + head_cast,
-                                   Component.LOGITS.value: head_forward})
-        self.tensors.append((Phase.TRAINING.value, f"checkpointed layer input ({setup.per_device_train_batch_size}, "
+                candidates.append({_C.GRADIENTS: grads_before, _C.ACTIVATIONS: saved,
+                                   _C.ATTENTION_MASK: mask,
+                                   _C.WEIGHT_CASTS: spec.linear_params() * 2 + head_cast,
+                                   _C.LOGITS: head_forward})
+        self.tensors.append((_P.TRAINING, f"checkpointed layer input ({setup.per_device_train_batch_size}, "
                                                    f"{setup.seq_len}, {self.spec.hidden_size})",
                              setup.per_device_train_batch_size * setup.seq_len * self.spec.hidden_size * self.residual_bytes))
         return max(candidates, key=lambda parts: sum(parts.values()))
@@ -657,13 +673,13 @@ class _Model:
         grads = self.trainable_params() * self.trainable_bytes_per_param()
         _, temp_per_param = OPTIMIZERS[setup.optim]
         temp = self.trainable_params() * (self.trainable_bytes_per_param() if temp_per_param else 0)
-        return {Component.GRADIENTS.value: grads, Component.OPTIMIZER_TEMP.value: temp}
+        return {_C.GRADIENTS: grads, _C.OPTIMIZER_TEMP: temp}
 
     # -- slack and checks -----------------------------------------------------------------------
     def _with_slack(self, parts: dict[str, int]) -> dict[str, int]:
         """Caching-allocator slack on torch's own allocations (not the context nor vLLM's pool)."""
         torch_bytes = sum(v for k, v in parts.items() if k not in _NOT_TORCH_ALLOCATED)
-        parts[Component.ALLOCATOR_SLACK.value] = int(torch_bytes * ALLOCATOR_SLACK_FRACTION)
+        parts[_C.ALLOCATOR_SLACK] = int(torch_bytes * ALLOCATOR_SLACK_FRACTION)
         return parts
 
     def _check_vllm(self, persistent: dict[str, int]) -> None:
@@ -675,15 +691,15 @@ class _Model:
         desired = int(setup.vllm_gpu_memory_utilization * total)
         if setup.backend == "trl":
             # in colocate mode the policy (and a reference model) is on the GPU before vLLM starts
-            already = CUDA_CONTEXT_BYTES + persistent.get(Component.WEIGHTS.value, 0) \
-                + persistent.get(Component.LORA.value, 0) + persistent.get(Component.REFERENCE.value, 0)
+            already = CUDA_CONTEXT_BYTES + persistent.get(_C.WEIGHTS, 0) \
+                + persistent.get(_C.LORA, 0) + persistent.get(_C.REFERENCE, 0)
             free = total - already
             if free < desired:
                 self.warnings.append(
                     f"vLLM would refuse to start: free memory on device ({format_gib(free)}) is less than desired GPU "
                     f"memory utilization ({setup.vllm_gpu_memory_utilization} × {format_gib(total)} = "
                     f"{format_gib(desired)}); lower vllm_gpu_memory_utilization to ≤ {free / total:.2f}")
-        kv_cache = persistent.get(Component.VLLM_KV_CACHE.value, 0)
+        kv_cache = persistent.get(_C.VLLM_KV_CACHE, 0)
         one_sequence = self.kv_cache_needed() // setup.generation_batch_size
         if kv_cache < one_sequence:
             self.warnings.append(
