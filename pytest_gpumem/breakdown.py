@@ -204,6 +204,28 @@ class PeakJudgement:
             return False
         return self.peak_bytes <= total * (1 - headroom)
 
+    def to_dict(self) -> dict:
+        """The JSON of ``gpumem estimate`` / ``gpumem simulate`` (needs ``setup``, ``model``,
+        ``largest_allocation_bytes/_name`` and ``assumptions`` besides the attributes above)."""
+        spec = self.model
+        return {
+            "peak_bytes": self.peak_bytes,
+            "peak_phase": self.peak_phase,
+            "largest_allocation_bytes": self.largest_allocation_bytes,
+            "largest_allocation_name": self.largest_allocation_name,
+            "fits": self.fits() if self.gpu else None,
+            "total_bytes": self.total_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "gpu": self.gpu.to_dict() if self.gpu else None,
+            "phases": self.breakdown.to_dict()["phases"],
+            "assumptions": list(self.assumptions),
+            "warnings": list(self.warnings),
+            "setup": self.setup.to_dict(),
+            "model": {"name": spec.name, "num_params": spec.num_params, "model_type": spec.model_type,
+                      "source": spec.source, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+                      "num_hidden_layers": spec.num_hidden_layers},
+        }
+
     def summary(self) -> str:
         """One line: the peak, its phase and the three largest components."""
         from .units import format_gib

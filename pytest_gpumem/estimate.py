@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from .breakdown import Breakdown, Component, Phase, PeakJudgement
 from .errors import GpuMemError
@@ -87,26 +87,6 @@ class Estimate(PeakJudgement):
     largest_allocation_name: str
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        spec = self.model
-        return {
-            "peak_bytes": self.peak_bytes,
-            "peak_phase": self.peak_phase,
-            "largest_allocation_bytes": self.largest_allocation_bytes,
-            "largest_allocation_name": self.largest_allocation_name,
-            "fits": self.fits() if self.gpu else None,
-            "total_bytes": self.total_bytes,
-            "headroom_bytes": self.headroom_bytes,
-            "gpu": self.gpu.to_dict() if self.gpu else None,
-            "phases": self.breakdown.to_dict()["phases"],
-            "assumptions": list(self.assumptions),
-            "warnings": list(self.warnings),
-            "setup": self.setup.to_dict(),
-            "model": {"name": spec.name, "num_params": spec.num_params, "model_type": spec.model_type,
-                      "source": spec.source, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
-                      "num_hidden_layers": spec.num_hidden_layers},
-        }
 
 
 def estimate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | None = None) -> Estimate:

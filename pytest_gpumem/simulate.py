@@ -115,28 +115,8 @@ class Simulation(PeakJudgement):
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``gpumem estimate`` (same keys) plus ``largest_tensors`` and the run's cost."""
-        spec = self.model
-        return {
-            "source": "simulate",
-            "peak_bytes": self.peak_bytes,
-            "peak_phase": self.peak_phase,
-            "largest_allocation_bytes": self.largest_allocation_bytes,
-            "largest_allocation_name": self.largest_allocation_name,
-            "fits": self.fits() if self.gpu else None,
-            "total_bytes": self.total_bytes,
-            "headroom_bytes": self.headroom_bytes,
-            "gpu": self.gpu.to_dict() if self.gpu else None,
-            "phases": self.breakdown.to_dict()["phases"],
-            "largest_tensors": self.largest_tensors,
-            "assumptions": list(self.assumptions),
-            "warnings": list(self.warnings),
-            "setup": self.setup.to_dict(),
-            "model": {"name": spec.name, "num_params": spec.num_params, "model_type": spec.model_type,
-                      "source": spec.source, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
-                      "num_hidden_layers": spec.num_hidden_layers},
-            "elapsed_seconds": round(self.elapsed_seconds, 3),
-            "num_ops": self.num_ops,
-        }
+        return {"source": "simulate", **super().to_dict(), "largest_tensors": self.largest_tensors,
+                "elapsed_seconds": round(self.elapsed_seconds, 3), "num_ops": self.num_ops}
 
 
 # -- public API --------------------------------------------------------------------------------------
