@@ -41,7 +41,7 @@ _ALIASES = {
     "a800": "NVIDIA A800 40GB", "a4000": "NVIDIA RTX A4000", "rtxa4000": "NVIDIA RTX A4000",
     "rtx8000": "Quadro RTX 8000", "quadrortx8000": "Quadro RTX 8000", "a30": "NVIDIA A30",
 }
-_AMBIGUOUS = {"a100": "A100 comes as 40 GB and 80 GB: write A100-40GB or A100-80GB"}
+_AMBIGUOUS = {"a100": ("A100 comes as 40 GB and 80 GB", "write A100-40GB or A100-80GB")}
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ def resolve_gpu(gpu: str | int | float | GPU | None, *, field: str = "gpu") -> G
             pass  # maybe a card name like "3090ti": fall through to the card lookup
     key = _normalise(text)
     if key in _AMBIGUOUS:
-        raise GpuMemError(field, f"{text!r} is ambiguous: {_AMBIGUOUS[key]}", fix=_AMBIGUOUS[key])
+        problem, fix = _AMBIGUOUS[key]
+        raise GpuMemError(field, f"{text!r} is ambiguous: {problem}", fix=fix)
     gpus = known_gpus()
     if key in gpus:
         return gpus[key]
