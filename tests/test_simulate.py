@@ -262,3 +262,29 @@ def test_nothing_heavy_is_imported_unless_asked_for():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_plugin_simulate_mode_end_to_end(pytester):
+    """--gpu-budget=simulate with the real simulation (no stand-in): the marker's setup is traced under
+    FakeTensorMode and the budget judged on the simulated peak."""
+    from pathlib import Path
+
+    setup = json.loads((Path(__file__).parents[1] / "examples" / "setups" / "tiny-qwen2-cpu.json").read_text())
+    simulated = simulate(setup).peak_bytes
+    pytester.makepyfile(test_sim=f"""
+        import pytest
+        SETUP = {setup!r}
+
+        @pytest.mark.gpu_budget(gib=1, setup=SETUP)
+        def test_fits(): pass
+
+        @pytest.mark.gpu_budget(mib={simulated / 2**20 / 2:.3f}, setup=SETUP)
+        def test_over(): pass
+    """)
+    result = pytester.runpytest("--gpu-budget=simulate", "--gpu-budget-json=out.json", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*simulated peak * exceeds the * MiB = * budget*"])
+    tests = {t["nodeid"].split("::")[-1]: t for t in json.loads((pytester.path / "out.json").read_text())["tests"]}
+    assert tests["test_fits"]["mode"] == "simulate"
+    assert tests["test_fits"]["predicted"]["source"] == "simulate"
+    assert tests["test_fits"]["predicted"]["peak_bytes"] == simulated
