@@ -252,8 +252,9 @@ def _sliding_layers(config: Mapping[str, Any], model_type: str, num_layers: int)
     if isinstance(layer_types, Mapping) and "num_sliding" in layer_types:  # registry summary
         return int(layer_types["num_sliding"]), window
     pattern = config.get("sliding_window_pattern")
-    if pattern and window:
-        return sum(1 for i in range(num_layers) if (i + 1) % int(pattern) != 0), window
+    if pattern and window and int(pattern) > 0:
+        # layer i is full attention iff (i + 1) % pattern == 0: num_layers // pattern of them
+        return num_layers - num_layers // int(pattern), window
     if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_r1"):
         if not config.get("use_sliding_window"):
             return 0, None

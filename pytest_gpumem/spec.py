@@ -439,7 +439,8 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
     generation_batch = setup.per_device_train_batch_size * setup.steps_per_generation
     if generation_batch % setup.num_generations != 0:
         b, spg, g = setup.per_device_train_batch_size, setup.steps_per_generation, setup.num_generations
-        divisors = [d for d in range(2, generation_batch + 1) if generation_batch % d == 0]
+        # the group sizes people use: bounded, so an absurd batch cannot turn the message into a long loop
+        divisors = [d for d in range(2, min(generation_batch, 64) + 1) if generation_batch % d == 0]
         raise SetupError(
             "per_device_train_batch_size",
             f"the generation batch per_device_train_batch_size × steps_per_generation = {b} × {spg} = "

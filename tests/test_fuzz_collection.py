@@ -142,6 +142,9 @@ def check_rejection(exc: BaseException, args: list, kwargs: dict) -> str:
 @example(args=[], kwargs={"gb": 1, "setup": {"model": "Qwen/Qwen2.5-0.5B", "max_seq_length": 418,
                                              "max_prompt_length": "x"}})
 @example(args=[], kwargs={"gb": 80, "gpu": float("inf")})
+# an absurd batch that breaks the divisibility rule: the error message once listed every divisor up to it (a hang)
+@example(args=[], kwargs={"gb": 1, "setup": {"model": "Qwen/Qwen2.5-0.5B", "per_device_train_batch_size": 10**15 + 1,
+                                             "num_generations": 2}})
 def test_parser_accepts_or_names_the_field(args, kwargs):
     try:
         spec = spec_from_marker(tuple(args), kwargs)
