@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -123,13 +124,15 @@ def _installed_trl_version_cached() -> str | None:
 
 
 def parse_version(text: str) -> tuple[int, ...]:
+    """``"1.16.0.dev0"`` → ``(1, 16, 0)``; ``(0,)`` when it does not start with a number. ASCII digits only:
+    ``str.isdigit`` accepts ``"²"``, which ``int`` then refuses (found by the fuzz test)."""
     parts = []
     for piece in str(text).split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
+        match = re.match(r"[0-9]+", piece)
+        if not match:
             break
-        parts.append(int(digits))
-        if not piece.isdigit():
+        parts.append(int(match.group()))
+        if match.end() != len(piece):
             break
     return tuple(parts) or (0,)
 

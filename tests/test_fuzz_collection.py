@@ -142,6 +142,7 @@ def check_rejection(exc: BaseException, args: list, kwargs: dict) -> str:
 @example(args=[], kwargs={"gb": 1, "setup": {"model": "Qwen/Qwen2.5-0.5B", "max_seq_length": 418,
                                              "max_prompt_length": "x"}})
 @example(args=[], kwargs={"gb": 80, "gpu": float("inf")})
+@example(args=[], kwargs={"gb": 1, "setup": {"model": "Qwen/Qwen2.5-0.5B", "trl_version": "M²^¡"}})
 # an absurd batch that breaks the divisibility rule: the error message once listed every divisor up to it (a hang)
 @example(args=[], kwargs={"gb": 1, "setup": {"model": "Qwen/Qwen2.5-0.5B", "per_device_train_batch_size": 10**15 + 1,
                                              "num_generations": 2}})
