@@ -118,7 +118,7 @@ def nvml_handle(cuda_index: int = 0, uuid: str | None = None) -> tuple[Any, str 
             if cuda_index >= len(entries):
                 return None, None, f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} has no device {cuda_index}"
             entry = entries[cuda_index]
-            if entry.isdigit():
+            if entry.isascii() and entry.isdigit():
                 return module.nvmlDeviceGetHandleByIndex(int(entry)), "CUDA_VISIBLE_DEVICES index", None
             return module.nvmlDeviceGetHandleByUUID(entry), "CUDA_VISIBLE_DEVICES uuid", None
         return module.nvmlDeviceGetHandleByIndex(cuda_index), "index", None
