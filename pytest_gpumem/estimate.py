@@ -311,26 +311,13 @@ class _Model:
                 _C.ACTIVATIONS: prefill}
 
     # -- scoring --------------------------------------------------------------------------------
-    def scoring_passes(self) -> list[str]:
-        """Which no-grad log-prob passes run (memory-model.md §2): old log-probs when
-        ``GA % (steps_per_generation × num_iterations) != 0`` or vLLM with importance-sampling correction;
-        reference log-probs when ``beta != 0``."""
-        setup = self.setup
-        passes = []
-        if (setup.gradient_accumulation_steps % (setup.steps_per_generation * setup.num_iterations) != 0
-                or (setup.use_vllm and setup.vllm_importance_sampling_correction)):
-            passes.append("old log-probs")
-        if setup.beta != 0:
-            passes.append("reference log-probs")
-        return passes
-
     def scoring(self) -> dict[str, int] | None:
         """A no-grad forward over b rows (checkpointing off). Its peak is either inside a block — the MLP's
         gate, up and product live together (3 × I in bf16) beside the residual stream and the norm's output,
         plus the per-linear bf16 cast of an fp32 norm output — or in the log-prob head, whichever is larger;
         both sit on the hidden stream (b·L·h). Measured with the FakeTensor simulation
         (tests/test_accuracy_matrix.py): adding the two, as this model did before, over-counted by up to 5%."""
-        if not self.scoring_passes():
+        if not self.setup.scoring_passes:
             return None
         setup, spec = self.setup, self.spec
         tokens = setup.per_device_train_batch_size * setup.seq_len

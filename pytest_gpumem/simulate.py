@@ -479,7 +479,7 @@ class _Runner:
             optimizer = self._make_optimizer(policy, trainable)
             tracker.region = "inputs"
             batch = self._make_batch()
-            passes = self._scoring_passes()
+            passes = self.setup.scoring_passes
             if passes:
                 self._stage("simulating the scoring pass")
                 tracker.begin_phase(Phase.SCORING.value)
@@ -611,26 +611,13 @@ class _Runner:
             "completion_mask": torch.ones(b, completion, dtype=torch.long),
             "advantages": torch.zeros(b, dtype=torch.float32),
         }
-        if "old" in self._scoring_passes():
+        if "old" in self.setup.scoring_passes:
             batch["old_per_token_logps"] = torch.zeros(b, completion, dtype=torch.float32)
         if setup.beta != 0:
             batch["ref_per_token_logps"] = torch.zeros(b, completion, dtype=torch.float32)
         if setup.use_vllm and setup.vllm_importance_sampling_correction:
             batch["importance_sampling_ratio"] = torch.ones(b, completion, dtype=torch.float32)
         return batch
-
-    def _scoring_passes(self) -> list[str]:
-        """trl 1.16 ``_generate_and_score_completions``: old log-probs when ``GA % (steps_per_generation ×
-        num_iterations) != 0`` or vLLM with importance-sampling correction; reference log-probs when
-        ``beta != 0``."""
-        setup = self.setup
-        passes = []
-        if (setup.gradient_accumulation_steps % (setup.steps_per_generation * setup.num_iterations) != 0
-                or (setup.use_vllm and setup.vllm_importance_sampling_correction)):
-            passes.append("old")
-        if setup.beta != 0:
-            passes.append("ref")
-        return passes
 
     def _autocast(self):
         import torch

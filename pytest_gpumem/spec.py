@@ -298,6 +298,19 @@ class GRPOSetup:
         return self.max_prompt_length + self.max_completion_length
 
     @property
+    def scoring_passes(self) -> tuple[str, ...]:
+        """The no-grad log-prob passes TRL runs after generation (trl 1.16 ``_generate_and_score_completions``,
+        memory-model.md §2): ``"old"`` log-probs when ``GA % (steps_per_generation × num_iterations) != 0`` or
+        vLLM with importance-sampling correction; ``"ref"`` (reference) log-probs when ``beta != 0``."""
+        passes = []
+        if (self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
+                or (self.use_vllm and self.vllm_importance_sampling_correction)):
+            passes.append("old")
+        if self.beta != 0:
+            passes.append("ref")
+        return tuple(passes)
+
+    @property
     def is_lora(self) -> bool:
         return self.lora_rank is not None
 
