@@ -13,7 +13,7 @@ import itertools
 import time
 
 from pytest_gpumem import GRPOSetup
-from pytest_gpumem.fit import _Search, dimensions, fit, space_size
+from pytest_gpumem.diagnose.fit import _Search, dimensions, fit, space_size
 from pytest_gpumem.gpus import resolve_gpu
 
 CASES = {

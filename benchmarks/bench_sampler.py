@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pytest_gpumem.measure import NvmlSampler, nvml, nvml_handle  # noqa: E402
+from pytest_gpumem.measure.snapshot import NvmlSampler, nvml, nvml_handle  # noqa: E402
 
 GOAL = 0.02
 

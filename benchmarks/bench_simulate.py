@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pytest_gpumem.estimate import estimate  # noqa: E402
-from pytest_gpumem.simulate import (accuracy_matrix, comparable_peak, comparable_total,  # noqa: E402
+from pytest_gpumem.predict.analytic import estimate  # noqa: E402
+from pytest_gpumem.predict.faketensor import (accuracy_matrix, comparable_peak, comparable_total,  # noqa: E402
                                     run_simulation)
 from pytest_gpumem.units import GIB  # noqa: E402
 

@@ -6,7 +6,7 @@ that need them (simulate, measure, run).
 
 from .breakdown import Breakdown, Component, Phase
 from .errors import GpuMemError, SetupError, UnknownModelError
-from .estimate import Estimate, estimate
+from .predict.analytic import Estimate, estimate
 from .gpus import resolve_gpu
 from .models import ModelSpec, resolve_model
 from .spec import GRPOSetup

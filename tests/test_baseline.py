@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpumem import baseline as baseline_module
-from pytest_gpumem.baseline import (DEFAULT_TOLERANCE, SCHEMA_VERSION, BaselineStore, BaselineStoreError, Tolerance,
+from pytest_gpumem.compare import baseline as baseline_module
+from pytest_gpumem.compare.baseline import (DEFAULT_TOLERANCE, SCHEMA_VERSION, BaselineStore, BaselineStoreError, Tolerance,
                                     check_against_baseline, compare, hardware_key, headline_peak_bytes,
                                     record_from_result, software_versions)
 from pytest_gpumem.errors import GpuMemError
-from pytest_gpumem.estimate import estimate
+from pytest_gpumem.predict.analytic import estimate
 from pytest_gpumem.units import GIB, MIB
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_tolerance_rejects_bad_input_clearly(text, expected_in_message):
 
 # -- versions and records ------------------------------------------------------------------------
 def test_software_versions_reads_metadata_without_importing_torch():
-    code = ("import sys, json; from pytest_gpumem.baseline import software_versions; v = software_versions(); "
+    code = ("import sys, json; from pytest_gpumem.compare.baseline import software_versions; v = software_versions(); "
             "print(json.dumps([v, 'torch' in sys.modules, 'transformers' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -139,7 +139,7 @@ def test_record_from_estimate_result_gates_on_the_predicted_peak():
 
 
 def test_record_from_measure_result_gates_on_the_nvml_peak_like_the_budget_check():
-    from pytest_gpumem.marks import judged_peak
+    from pytest_gpumem.plugin.marker import judged_peak
 
     result = measure_result(14 * GIB)
     record = record_from_result(result, versions=VERSIONS)
@@ -290,7 +290,7 @@ def test_lock_held_elsewhere_times_out_with_an_explanation(tmp_path):
 WRITER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from pytest_gpumem.baseline import BaselineStore
+    from pytest_gpumem.compare.baseline import BaselineStore
 
     path, worker, writes, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     store = BaselineStore(path)

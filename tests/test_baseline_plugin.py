@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pytest_gpumem.baseline import BaselineStore
+from pytest_gpumem.compare.baseline import BaselineStore
 
 TEST_FILE = """
 import pytest

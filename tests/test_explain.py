@@ -10,7 +10,7 @@ import pytest
 
 from pytest_gpumem import GpuMemError, GRPOSetup, estimate
 from pytest_gpumem.cli import main
-from pytest_gpumem.explain import (CORE_FIELDS, diagnose, detect_phase, levers_for, match_tensor, parse, parse_frames,
+from pytest_gpumem.diagnose.explain import (CORE_FIELDS, diagnose, detect_phase, levers_for, match_tensor, parse, parse_frames,
                                    parse_oom, rank_levers)
 from pytest_gpumem.units import GIB, MIB
 
@@ -342,7 +342,7 @@ def test_cli_explain_with_setup_from_stdin(tmp_path, monkeypatch, capsys):
 
 
 def test_diagnose_a_caught_exception_for_the_plugin():
-    from pytest_gpumem.explain import diagnose_exception
+    from pytest_gpumem.diagnose.explain import diagnose_exception
 
     def _get_per_token_logps_and_entropies():
         raise RuntimeError(_oom_text(8 * 513 * 151936 * 4).split(": ", 1)[1])
@@ -379,7 +379,7 @@ def test_a_reward_model_inside_generate_and_score_is_scoring():
 def test_a_measured_oom_fails_with_its_explanation():
     """Issue 7, in the plugin: a measured step that OOMs fails its test with the shortfall and the phase (the
     levers follow in the failure text)."""
-    from pytest_gpumem.marks import check_run_completed
+    from pytest_gpumem.plugin.marker import check_run_completed
 
     text = next(m["text"] for m in FIXTURES if m["id"] == "torch-oom-018")
     record = {"budget_text": "40 GB = 37.25 GiB",

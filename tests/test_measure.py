@@ -14,8 +14,8 @@ import types
 
 import pytest
 
-from pytest_gpumem import measure
-from pytest_gpumem.measure import (MemorySnapshot, NvmlSampler, PhaseTracker, RssSampler, Sampler,
+from pytest_gpumem.measure import snapshot as measure
+from pytest_gpumem.measure.snapshot import (MemorySnapshot, NvmlSampler, PhaseTracker, RssSampler, Sampler,
                                    memory_profiling, nvml, nvml_handle, visible_device_entries)
 from pytest_gpumem.units import GIB, MIB
 

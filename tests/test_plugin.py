@@ -17,7 +17,7 @@ import pytest
 
 from pytest_gpumem import estimate
 from pytest_gpumem.gpus import resolve_gpu
-from pytest_gpumem.marks import (MarkerError, Tolerance, budget_text, check_prediction_matches_measurement,
+from pytest_gpumem.plugin.marker import (MarkerError, Tolerance, budget_text, check_prediction_matches_measurement,
                                  parse_size_string, parse_tolerance, spec_from_marker)
 from pytest_gpumem.units import GB, GIB, MB, MIB
 
@@ -135,7 +135,7 @@ def test_prediction_vs_measurement_band():
 
 
 def test_spec_from_marker_defaults_and_overrides():
-    from pytest_gpumem.marks import Defaults
+    from pytest_gpumem.plugin.marker import Defaults
 
     defaults = Defaults(budget_bytes=24 * GIB, budget_text="24 GiB = 25.77 GB", gpu=resolve_gpu("L4"))
     spec = spec_from_marker((), {"setup": SETUP}, defaults)
@@ -410,8 +410,8 @@ def test_gpu_memory_measurement_is_judged(pytester, monkeypatch):
 
     # the modules as sys.modules holds them: pytester's in-process runs drop modules first imported inside
     # them, which can leave a stale module object on the package attribute (pytest_gpumem.measure)
-    monkeypatch.setattr(importlib.import_module("pytest_gpumem.fixtures"), "cuda_available", lambda: True)
-    monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure"), "memory_profiling", fake_profiling)
+    monkeypatch.setattr(importlib.import_module("pytest_gpumem.plugin.fixtures"), "cuda_available", lambda: True)
+    monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure.snapshot"), "memory_profiling", fake_profiling)
     write(pytester, """
         import pytest
         @pytest.mark.gpu_budget(gib=4)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pytest_gpumem.breakdown import Component
-from pytest_gpumem.estimate import estimate
-from pytest_gpumem.report import (BASELINE_COLOUR, BUDGET_COLOUR, COMPONENT_COLOURS, EXTRA_COLOURS, component_colour,
+from pytest_gpumem.predict.analytic import estimate
+from pytest_gpumem.report.html import (BASELINE_COLOUR, BUDGET_COLOUR, COMPONENT_COLOURS, EXTRA_COLOURS, component_colour,
                                   measured_peak, render_html, render_markdown, write_html, write_markdown)
 from pytest_gpumem.units import GIB, MIB, format_both
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpumem import Breakdown, GpuMemError, tiny
+from pytest_gpumem import Breakdown, GpuMemError
+from pytest_gpumem.measure.child import tiny
 from pytest_gpumem.breakdown import Component, Phase
-from pytest_gpumem.runner import (RunResult, assign_cuda_device, compare_table, describe_exit, format_result,
+from pytest_gpumem.measure.runner import (RunResult, assign_cuda_device, compare_table, describe_exit, format_result,
                                   measured_breakdown, run, skip_reason)
 from pytest_gpumem.spec import GRPOSetup
-from pytest_gpumem.tiny import TINY_QWEN2_CONFIG
+from pytest_gpumem.measure.child.tiny import TINY_QWEN2_CONFIG
 from pytest_gpumem.units import GIB, MIB
 
 ROOT = Path(__file__).resolve().parent.parent

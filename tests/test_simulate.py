@@ -16,11 +16,11 @@ pytest.importorskip("trl", reason="the simulation needs trl")
 from pytest_gpumem.breakdown import Breakdown  # noqa: E402
 from pytest_gpumem.cli import main  # noqa: E402
 from pytest_gpumem.errors import GpuMemError  # noqa: E402
-from pytest_gpumem.estimate import NF4_BYTES_PER_PARAM, estimate  # noqa: E402
-from pytest_gpumem.simulate import (NOT_SIMULATED_COMPONENTS, SimulationError, comparable_total,  # noqa: E402
+from pytest_gpumem.predict.analytic import NF4_BYTES_PER_PARAM, estimate  # noqa: E402
+from pytest_gpumem.predict.faketensor import (NOT_SIMULATED_COMPONENTS, SimulationError, comparable_total,  # noqa: E402
                                     reduced_config, run_simulation, simulate)
 from pytest_gpumem.spec import GRPOSetup  # noqa: E402
-from pytest_gpumem.tracker import LiveStorageTracker, cuda_rounded  # noqa: E402
+from pytest_gpumem.predict.faketensor.tracker import LiveStorageTracker, cuda_rounded  # noqa: E402
 
 QWEN = reduced_config("Qwen/Qwen2.5-0.5B", 2)
 SMALL = {"per_device_train_batch_size": 2, "num_generations": 2, "max_prompt_length": 32,
@@ -206,7 +206,7 @@ def test_unsupported_setups_raise_gpumem_errors(changes, field):
 def test_a_failure_inside_the_trace_is_a_simulation_error_and_cleans_up(monkeypatch):
     from trl.kernels import chunked_logprob
 
-    from pytest_gpumem import simulate as simulate_module
+    from pytest_gpumem.predict import faketensor as simulate_module
 
     original_tile = chunked_logprob._forward_tile
 
@@ -255,7 +255,7 @@ def test_cli_exit_codes_and_table(capsys):
 
 
 def test_nothing_heavy_is_imported_unless_asked_for():
-    code = ("import sys, pytest_gpumem, pytest_gpumem.simulate, pytest_gpumem.cli; "
+    code = ("import sys, pytest_gpumem, pytest_gpumem.predict.faketensor, pytest_gpumem.cli; "
             "pytest_gpumem.cli.build_parser(); "
             "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpumem.estimate import estimate
+from pytest_gpumem.predict.analytic import estimate
 from pytest_gpumem.spec import GRPOSetup
 from pytest_gpumem.units import GIB
-from pytest_gpumem.validate import (DEFAULT_TOLERANCE, MIN_SETUPS, SCHEMA, SMOKE, build_matrix, check_file,
+from pytest_gpumem.compare.validation import (DEFAULT_TOLERANCE, MIN_SETUPS, SCHEMA, SMOKE, build_matrix, check_file,
                                     load_validation, markdown_table, new_document, output_path, run_matrix,
                                     schema_problems, write_validation)
 

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from .runner import DEFAULT_TIMEOUT_S, DEVICES, format_result, run as run_setup
-from .spec import GRPOSetup
+from ..measure.runner import DEFAULT_TIMEOUT_S, DEVICES, format_result, run as run_setup
+from ..spec import GRPOSetup
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     predicted = None
     if result.breakdown is not None:
         try:
-            from .estimate import estimate
+            from ..predict.analytic import estimate
 
             predicted = estimate(setup).breakdown
         except Exception as exc:  # noqa: BLE001 - the measurement stands on its own

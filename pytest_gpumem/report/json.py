@@ -49,7 +49,7 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
 
 def visible_gpus() -> tuple[list[dict[str, Any]], str | None]:
     """The devices NVML sees (name, total), or ``([], why not)`` — never imports torch."""
-    from .measure import nvml, nvml_device_count, nvml_memory
+    from ..measure.snapshot import nvml, nvml_device_count, nvml_memory
 
     count, reason = nvml_device_count()
     if not count:

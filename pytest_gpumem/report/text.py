@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .breakdown import Breakdown
-from .units import format_gib
+from ..breakdown import Breakdown
+from ..units import format_gib
 
 
 def breakdown_table(breakdown: Breakdown, *, total_bytes: int | None = None) -> str:

@@ -18,10 +18,10 @@ from typing import Any, Mapping
 
 import pytest
 
-from .baseline import (DEFAULT_BASELINE_PATH, DEFAULT_TOLERANCE, BaselineStore, Tolerance, check_against_baseline,
+from ..compare.baseline import (DEFAULT_BASELINE_PATH, DEFAULT_TOLERANCE, BaselineStore, Tolerance, check_against_baseline,
                        hardware_key, record_from_result, software_versions)
-from .errors import GpuMemError
-from .ini import ini_bool, ini_value
+from ..errors import GpuMemError
+from .options import ini_bool, ini_value
 
 MARKER_KEYWORD = "baseline_tolerance"
 
@@ -157,7 +157,7 @@ def _for_baseline(record: Mapping[str, Any]) -> dict:
 
 def _writer_md(path: Path):
     def write(records: list, manager: Any) -> str:
-        from .report import write_markdown
+        from ..report.html import write_markdown
 
         written = write_markdown(records, path)
         return f"gpu budget Markdown: {path}" + (" (and $GITHUB_STEP_SUMMARY)" if len(written) > 1 else "")
@@ -167,7 +167,7 @@ def _writer_md(path: Path):
 
 def _writer_html(path: Path):
     def write(records: list, manager: Any) -> str:
-        from .report import write_html
+        from ..report.html import write_html
 
         write_html(records, path)
         return f"gpu budget HTML: {path}"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import GpuMemError
-from .fit import DEFAULT_KEEP, TABLE_SIZES_GIB, table
+from ..errors import GpuMemError
+from ..diagnose.fit import DEFAULT_KEEP, TABLE_SIZES_GIB, table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .estimate_cli import add_setup_arguments
+    from .estimate import add_setup_arguments
 
     add_setup_arguments(parser)  # --model NAME [--backend trl|unsloth] and every other setup key
     parser.add_argument("--sizes", default=",".join(f"{s:g}" for s in TABLE_SIZES_GIB),
@@ -31,7 +31,7 @@ def _sizes(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .estimate_cli import setup_from_args
+    from .estimate import setup_from_args
 
     setup = setup_from_args(args)
     print(table(setup, _sizes(args.sizes), headroom=args.headroom, keep=DEFAULT_KEEP))

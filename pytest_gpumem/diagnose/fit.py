@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from .errors import GpuMemError, SetupError
+from ..errors import GpuMemError, SetupError
 from .explain import min_vllm_utilization
-from .spec import GRPOSetup
-from .units import format_gib
+from ..spec import GRPOSetup
+from ..units import format_gib
 
 #: The dimensions, most important first, with why (what each costs when moved off the input's value).
 QUALITY_ORDER: tuple[tuple[str, str], ...] = (
@@ -318,7 +318,7 @@ class _Search:
         self.estimates = 0
 
     def _estimate(self, setup: Any) -> Any:
-        from .estimate import estimate
+        from ..predict.analytic import estimate
 
         self.estimates += 1
         return estimate(setup, self.gpu)
@@ -440,7 +440,7 @@ def fit(setup: Any, gpu: Any, headroom: float = 0.1, keep: Iterable[str] = DEFAU
     (:data:`DIMENSIONS`, ``lora_rank``, ``per_device_train_batch_size``) that must not change, plus
     ``"completions_per_optimizer_step"`` (the default) to keep ``b × gradient_accumulation_steps``.
     Alternatives: for each quality dimension the best result changed, the best setup that keeps it."""
-    from .gpus import resolve_gpu
+    from ..gpus import resolve_gpu
 
     started = time.perf_counter()
     base = GRPOSetup.coerce(setup)
@@ -524,7 +524,7 @@ def table(setup: Any, sizes_gib: Iterable[float] = TABLE_SIZES_GIB, headroom: fl
 
 # -- CLI --------------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
-    from .estimate_cli import add_setup_arguments
+    from ..cli.estimate import add_setup_arguments
 
     add_setup_arguments(parser)
     parser.add_argument("--gpu", required=True, help="card name (L4, A100-80GB, H100, ...) or size (24GiB, 80GB)")
@@ -544,7 +544,7 @@ def _keep_from_args(args) -> tuple:
 
 
 def run(args) -> int:
-    from .estimate_cli import setup_from_args
+    from ..cli.estimate import setup_from_args
 
     setup = setup_from_args(args)
     result = fit(setup, args.gpu, headroom=args.headroom, keep=_keep_from_args(args))

@@ -37,7 +37,7 @@ def cuda_available() -> bool:
             return bool(torch.cuda.is_available())
         except Exception:  # a broken CUDA install reads as "no GPU", never as a crash of the test session
             return False
-    from .measure import nvml_device_count
+    from ..measure.snapshot import nvml_device_count
 
     count, _ = nvml_device_count()
     return bool(count)
@@ -45,7 +45,7 @@ def cuda_available() -> bool:
 
 def device_gpu(device_index: int = 0):
     """The :class:`~pytest_gpumem.gpus.GPU` of the CUDA device (name and the total torch reports), or None."""
-    from .gpus import GPU
+    from ..gpus import GPU
 
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -55,7 +55,7 @@ def device_gpu(device_index: int = 0):
                 return GPU(props.name, int(props.total_memory), "torch")
         except Exception:
             pass
-    from .measure import nvml_handle, nvml_memory
+    from ..measure.snapshot import nvml_handle, nvml_memory
 
     handle, _, _ = nvml_handle(device_index)
     if handle is None:
@@ -63,7 +63,7 @@ def device_gpu(device_index: int = 0):
     info, _ = nvml_memory(handle)
     if info is None:
         return None
-    from .measure import nvml
+    from ..measure.snapshot import nvml
 
     module, _ = nvml()
     try:
@@ -127,7 +127,7 @@ class GpuMemory:
             self.measurement.merge(None, None, None, {name: NO_CUDA for name in MEASURED_FIELDS})
             yield self.measurement
             return
-        from .measure import memory_profiling
+        from ..measure.snapshot import memory_profiling
 
         with memory_profiling(self.device_index, use_torch=None) as profile:
             yield self.measurement
@@ -164,7 +164,7 @@ class GpuMemory:
 def gpu_memory(request: pytest.FixtureRequest) -> GpuMemory:
     """Measure your own GPU code for the test's ``gpu_budget``: ``with gpu_memory.track(): train_step()``."""
     tracker = GpuMemory()
-    from .plugin import STATE_KEY
+    from . import STATE_KEY
 
     state = request.node.stash.get(STATE_KEY, None)
     if state is not None:
@@ -191,7 +191,7 @@ class StepResult:
     @property
     def peak_bytes(self) -> int | None:
         """The peak the budget is judged on: measured when measured, else predicted."""
-        from .marks import judged_peak
+        from .marker import judged_peak
 
         return judged_peak({"predicted": self.predicted, "measured": self.measured})[0]
 
@@ -202,8 +202,9 @@ def grpo_step(request: pytest.FixtureRequest):
     the session's mode — estimate, simulate, or measure (real steps on the GPU) — and records it for the
     test's ``gpu_budget``. ``grpo_step()`` with no argument uses the marker's ``setup=``. Returns a
     :class:`StepResult`. Without ``--gpu-budget`` it returns the estimate and judges nothing."""
-    from .marks import MarkerError, parse_setup
-    from .plugin import MANAGER_KEY, STATE_KEY
+    from .marker import MarkerError, parse_setup
+    from . import MANAGER_KEY
+    from . import STATE_KEY
 
     manager = request.config.stash.get(MANAGER_KEY, None)
     state = request.node.stash.get(STATE_KEY, None)
@@ -223,8 +224,8 @@ def grpo_step(request: pytest.FixtureRequest):
             if state is not None:
                 state.steps.append(result)
             return result
-        from .estimate import estimate
-        from .plugin import predicted_dict
+        from ..predict.analytic import estimate
+        from . import predicted_dict
 
         result_estimate = estimate(resolved)
         return StepResult("estimate", resolved, result_estimate, predicted_dict(result_estimate, None))

@@ -38,9 +38,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .breakdown import Breakdown
-from .errors import GpuMemError
-from .units import MIB, format_gib, parse_size
+from ..breakdown import Breakdown
+from ..errors import GpuMemError
+from ..units import MIB, format_gib, parse_size
 
 SCHEMA_NAME = "pytest-gpumem-baselines"
 SCHEMA_VERSION = 1
@@ -310,7 +310,7 @@ class BaselineStore:
     def _write(self, document: dict[str, Any]) -> None:
         document["schema"] = SCHEMA_NAME
         document["schema_version"] = SCHEMA_VERSION
-        from . import __version__
+        from .. import __version__
 
         document["written_by"] = f"pytest-gpumem {__version__}"
         # Sorted keys and a trailing newline: the committed file diffs cleanly in code review.

@@ -23,8 +23,8 @@ import random
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import GpuMemError
-from .models import ModelSpec, registry_record, resolve_model
+from ...errors import GpuMemError
+from ...models import ModelSpec, registry_record, resolve_model
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
 #: ids of the special tokens in the word-level vocabulary; words start after them

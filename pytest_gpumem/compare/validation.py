@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import GpuMemError
-from .gpus import resolve_gpu
-from .measure import nvml, nvml_handle, nvml_memory
-from .spec import GRPOSetup
-from .tiny import TINY_QWEN2_CONFIG
-from .units import GIB, format_gib
+from ..errors import GpuMemError
+from ..gpus import resolve_gpu
+from ..measure.snapshot import nvml, nvml_handle, nvml_memory
+from ..spec import GRPOSetup
+from ..measure.child.tiny import TINY_QWEN2_CONFIG
+from ..units import GIB, format_gib
 
 SCHEMA = "pytest-gpumem/validation/1"
 #: |predicted − measured| / measured allowed for a committed measurement (the CI gate)
@@ -114,7 +114,7 @@ def available_extras() -> dict[str, bool]:
 
 
 def _predicted_peak(setup: GRPOSetup, total_bytes: int) -> tuple[int, bool]:
-    from .estimate import estimate
+    from ..predict.analytic import estimate
 
     result = estimate(setup, gpu=total_bytes)
     refused = any(w.startswith("vLLM would refuse") for w in result.warnings)
@@ -194,7 +194,7 @@ def _measured_record(result) -> dict[str, Any]:
 
 def _estimate_record(setup: GRPOSetup, total_bytes: int | None) -> dict[str, Any]:
     try:
-        from .estimate import estimate
+        from ..predict.analytic import estimate
 
         return estimate(setup, gpu=total_bytes).to_dict()
     except Exception as exc:  # noqa: BLE001 - the measurement is worth keeping without an estimate
@@ -218,7 +218,7 @@ def run_matrix(entries: list[MatrixEntry], path: Path, gpu: Mapping[str, Any], *
     ``resume``: entries already in the file with status ok/oom are kept and not rerun. ``max_seconds``: no
     new run starts after this budget (the next call resumes). Returns the document.
     """
-    from .runner import run as run_setup
+    from ..measure.runner import run as run_setup
 
     runner = runner or run_setup
     path = Path(path)
@@ -343,7 +343,7 @@ class EntryCheck:
 
 def check_entry(entry: Mapping[str, Any], gpu_total_bytes: int, tolerance: float) -> EntryCheck:
     """The current estimator against one committed measurement."""
-    from .estimate import estimate
+    from ..predict.analytic import estimate
 
     name, status = entry["name"], entry["status"]
     measured = entry["measured"]

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Iterable, Mapping
 
-from .errors import GpuMemError, SetupError
-from .spec import GRPOSetup
-from .units import format_gib
+from ..errors import GpuMemError, SetupError
+from ..spec import GRPOSetup
+from ..units import format_gib
 
 # -- units ------------------------------------------------------------------------------------------
 _UNIT_BYTES = {"bytes": 1, "byte": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -639,8 +639,8 @@ def min_vllm_utilization(setup: Any, total_bytes: int, result: Any = None) -> fl
     full sequence: ``(vLLM weights + activation peak + non-torch + CUDA graphs + one sequence) / total``
     (Unsloth scales by the memory free when vLLM starts: total − CUDA context). None without colocated vLLM.
     ``result``: an estimate of ``setup`` at any utilisation (the fixed parts do not depend on it)."""
-    from .breakdown import Component
-    from .estimate import CUDA_CONTEXT_BYTES, estimate
+    from ..breakdown import Component
+    from ..predict.analytic import CUDA_CONTEXT_BYTES, estimate
 
     if not (setup.use_vllm and setup.vllm_mode == "colocate"):
         return None
@@ -777,8 +777,8 @@ def rank_levers(setup: Any, gpu: Any = None, *, budget_bytes: int | None = None,
     ``setup``: a GRPOSetup (or dict / path) or an :class:`~pytest_gpumem.estimate.Estimate`.
     ``fits_after`` is judged against ``budget_bytes`` when given, else against ``gpu``'s total with
     ``headroom`` (and vLLM's start-up checks). Levers that save nothing or give an invalid setup are dropped."""
-    from .estimate import Estimate, estimate
-    from .gpus import resolve_gpu
+    from ..predict.analytic import Estimate, estimate
+    from ..gpus import resolve_gpu
 
     if isinstance(setup, Estimate):
         before = setup
@@ -986,8 +986,8 @@ def diagnose(text: str, setup: Any = None, gpu: Any = None, *, headroom: float =
     With ``setup`` (a GRPOSetup, dict or file path): the predicted breakdown of the phase that failed, the
     predicted tensor that matches the failed allocation, and the ranked levers judged against ``gpu``
     (default: the card's total as the message prints it, less other processes' memory)."""
-    from .estimate import estimate
-    from .gpus import GPU, resolve_gpu
+    from ..predict.analytic import estimate
+    from ..gpus import GPU, resolve_gpu
 
     if not isinstance(text, str):
         raise GpuMemError("text", f"expected the error text as a string, got {type(text).__name__}",
@@ -1118,7 +1118,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .estimate import load_setup_arg
+    from ..predict.analytic import load_setup_arg
 
     if args.file == "-":
         text = sys.stdin.read()

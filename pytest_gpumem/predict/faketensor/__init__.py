@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .breakdown import Breakdown, Component, PeakJudgement, Phase
-from .errors import GpuMemError
-from .gpus import GPU, resolve_gpu
-from .models import ModelSpec
-from .spec import GRPOSetup
-from .units import format_gib
+from ...breakdown import Breakdown, Component, PeakJudgement, Phase
+from ...errors import GpuMemError
+from ...gpus import GPU, resolve_gpu
+from ...models import ModelSpec
+from ...spec import GRPOSetup
+from ...units import format_gib
 
 #: Components a FakeTensor simulation cannot see: non-torch memory, the allocator's reserve, vLLM, HF generate.
 NOT_SIMULATED_COMPONENTS = frozenset({
@@ -333,7 +333,7 @@ def reduced_config(model: str | Mapping | ModelSpec, num_hidden_layers: int) -> 
     """An inline config dict with ``model``'s real vocabulary, hidden size, heads and MLP width but only
     ``num_hidden_layers`` layers: what CI simulates to keep each run to a second or two. Both
     :func:`~pytest_gpumem.estimate.estimate` and :func:`simulate` accept it as ``model``."""
-    from .models import resolve_model
+    from ...models import resolve_model
 
     spec = resolve_model(model)
     config: dict[str, Any] = {
@@ -1109,7 +1109,7 @@ def _version(package: str) -> str:
 
 # -- command line ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .estimate_cli import add_setup_arguments
+    from ...cli.estimate import add_setup_arguments
 
     add_setup_arguments(parser)
     parser.add_argument("--gpu", help="card name (L4, A100-80GB, H100, ...) or size (24GiB, 80GB)")
@@ -1118,7 +1118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .estimate_cli import print_result, setup_from_args
+    from ...cli.estimate import print_result, setup_from_args
 
     setup = setup_from_args(args)
     result = run_simulation(setup, gpu=args.gpu, top_tensors=args.top)

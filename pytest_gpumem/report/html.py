@@ -23,8 +23,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .breakdown import PHASE_ORDER, Breakdown, Component
-from .units import GIB, format_gib
+from ..breakdown import PHASE_ORDER, Breakdown, Component
+from ..units import GIB, format_gib
 
 VERDICT_SYMBOLS = {"passed": "✅", "failed": "❌", "error": "💥", "xfailed": "➖", "skipped": "⏭️"}
 BASELINE_SYMBOLS = {"grew": "📈", "shrank": "📉", "same": "", "missing": ""}

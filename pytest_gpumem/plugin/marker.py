@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import GpuMemError
-from .gpus import GPU, resolve_gpu
-from .spec import GRPOSetup
-from .units import GB, GIB, MB, MIB, format_gib
+from ..errors import GpuMemError
+from ..gpus import GPU, resolve_gpu
+from ..spec import GRPOSetup
+from ..units import GB, GIB, MB, MIB, format_gib
 
 MARKER = "gpu_budget"
 
@@ -285,7 +285,7 @@ def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults 
     origin = "marker"
     tolerance = parse_tolerance(kwargs["tolerance"]) if kwargs.get("tolerance") is not None else defaults.tolerance
     if kwargs.get("baseline_tolerance") is not None:  # validated here (a collection error); applied by baseline_plugin
-        from .baseline import Tolerance
+        from ..compare.baseline import Tolerance
 
         Tolerance.parse(kwargs["baseline_tolerance"], field="baseline_tolerance")
     marker_gpu = parse_gpu(kwargs["gpu"]) if kwargs.get("gpu") is not None else None
@@ -366,8 +366,8 @@ def check_run_completed(record: Mapping[str, Any], item: Any = None) -> str | No
     if run["status"] == "oom" and record.get("setup"):
         # explain it: the shortfall, the phase and which predicted tensor the failed allocation is (the levers
         # follow in the failure text); an unreadable message only loses the explanation
-        from .errors import GpuMemError
-        from .explain import diagnose
+        from ..errors import GpuMemError
+        from ..diagnose.explain import diagnose
 
         text = (run.get("oom") or {}).get("message") or reason
         try:
@@ -440,7 +440,7 @@ DEFAULT_CHECKS: tuple[Callable[..., str | None], ...] = (
 
 def spec_of(item: Any) -> BudgetSpec | None:
     """The spec the plugin attached to ``item`` at collection (None for unbudgeted tests)."""
-    from .plugin import STATE_KEY  # the stash key lives with the state it indexes
+    from . import STATE_KEY  # the stash key lives with the state it indexes
 
     state = item.stash.get(STATE_KEY, None)
     return state.spec if state is not None else None

@@ -7,8 +7,8 @@ import json
 import sys
 from dataclasses import fields
 
-from .errors import GpuMemError
-from .spec import GRPOSetup
+from ..errors import GpuMemError
+from ..spec import GRPOSetup
 
 #: setup keys with their own flag (--per-device-train-batch-size ...); the rest go through --setup / --set
 _FLAG_FIELDS = ("model", "backend", "trl_version", "logits", "dtype", "lora_rank", "per_device_train_batch_size",
@@ -34,7 +34,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_from_args(args: argparse.Namespace) -> GRPOSetup:
-    from .estimate import load_setup_arg
+    from ..predict.analytic import load_setup_arg
 
     data: dict = {}
     if args.setup:
@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .estimate import estimate
-    from .units import format_gib
+    from ..predict.analytic import estimate
+    from ..units import format_gib
 
     setup = setup_from_args(args)
     result = estimate(setup, gpu=args.gpu)
@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
 def print_result(result, as_json: bool, header: str, details: list[str], verdict_note: str = "") -> int:
     """Print an estimate or a simulation (JSON, or a table with its verdict, warnings and assumptions) and
     return the exit status: 0 fits or no GPU given, 1 does not fit."""
-    from .report_text import breakdown_table
-    from .units import format_gib
+    from ..report.text import breakdown_table
+    from ..units import format_gib
 
     if as_json:
         json.dump(result.to_dict(), sys.stdout, indent=2)

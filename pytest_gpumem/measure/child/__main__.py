@@ -1,4 +1,4 @@
-"""The measurement child process: ``python -m pytest_gpumem._child REQUEST.json RESULT.json``.
+"""The measurement child process: ``python -m pytest_gpumem.measure.child REQUEST.json RESULT.json``.
 
 Started by :func:`pytest_gpumem.runner.run` in a fresh process (a new CUDA context, nothing left over from
 earlier tests), it runs ``steps`` optimizer steps of a real TRL ``GRPOTrainer`` (HF generate or vLLM
@@ -27,10 +27,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .breakdown import Phase
-from .measure import (MemorySnapshot, NvmlSampler, PhaseTracker, RssSampler, no_cuda_reason, nvml, nvml_handle,
+from ...breakdown import Phase
+from ..snapshot import (MemorySnapshot, NvmlSampler, PhaseTracker, RssSampler, no_cuda_reason, nvml, nvml_handle,
                       nvml_memory, torch_device_uuid)
-from .units import format_gib
+from ...units import format_gib
 
 PROGRESS_PREFIX = "GPUMEM-PROGRESS "
 RESULT_SCHEMA = "pytest-gpumem/run/1"
@@ -53,7 +53,7 @@ def _is_oom(exc: BaseException, torch_module) -> bool:
     if "out of memory" in text.lower():
         return True
     try:  # vLLM's start-up refusals ("Free memory on device ...", "... KV cache ...") are OOMs too
-        from .explain import parse_oom
+        from ...diagnose.explain import parse_oom
     except ImportError:
         return False
     try:
@@ -65,7 +65,7 @@ def _is_oom(exc: BaseException, torch_module) -> bool:
 def parse_oom_text(text: str) -> tuple[dict | None, str | None]:
     """The OOM message parsed by :mod:`pytest_gpumem.explain` when it is available, else the reason why not."""
     try:
-        from .explain import parse_oom
+        from ...diagnose.explain import parse_oom
     except ImportError as exc:
         return None, f"no OOM parser available ({exc})"
     try:
@@ -80,7 +80,7 @@ def parse_oom_text(text: str) -> tuple[dict | None, str | None]:
 def _versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from ... import __version__
 
     result: dict[str, str | None] = {"python": platform.python_version(), "pytest_gpumem": __version__}
     for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "unsloth",
@@ -200,7 +200,7 @@ class Child:
         self.result["stage"] = stage
 
     def _run(self) -> None:
-        from .spec import GRPOSetup
+        from ...spec import GRPOSetup
 
         setup = GRPOSetup.from_dict(self.request["setup"])
         self.setup = setup
@@ -777,7 +777,7 @@ class Child:
 
     # -- results ---------------------------------------------------------------------------------------
     def _finish_measurements(self) -> None:
-        from .runner import measured_breakdown
+        from ..runner import measured_breakdown
 
         gpu = self.result["gpu"]
         tracker = self.tracker
@@ -840,7 +840,7 @@ def _write_json(path: Path, data: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m pytest_gpumem._child REQUEST.json RESULT.json", file=sys.stderr)
+        print("usage: python -m pytest_gpumem.measure.child REQUEST.json RESULT.json", file=sys.stderr)
         return 2
     request_path, result_path = Path(argv[0]), Path(argv[1])
     request = json.loads(request_path.read_text(encoding="utf-8"))

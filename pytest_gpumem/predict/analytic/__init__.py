@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .breakdown import Breakdown, Component, Phase, PeakJudgement
-from .errors import GpuMemError
-from .gpus import GPU, resolve_gpu
-from .models import ModelSpec
-from .spec import OPTIMIZERS, GRPOSetup
-from .units import GIB, MIB, format_gib
+from ...breakdown import Breakdown, Component, Phase, PeakJudgement
+from ...errors import GpuMemError
+from ...gpus import GPU, resolve_gpu
+from ...models import ModelSpec
+from ...spec import OPTIMIZERS, GRPOSetup
+from ...units import GIB, MIB, format_gib
 
 # -- constants, each with its source ----------------------------------------------------------------
 #: CUDA context + cuBLAS/cuDNN workspaces: "≈ 0.3–0.6 GiB typical (0.2–1.3 GiB seen)" (memory-model.md §6).

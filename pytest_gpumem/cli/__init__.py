@@ -7,25 +7,25 @@ import argparse
 import importlib
 import sys
 
-from .errors import GpuMemError
+from ..errors import GpuMemError
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "estimate": ("pytest_gpumem.estimate_cli", "predict the GPU memory of a GRPO setup, phase by phase"),
-    "models": ("pytest_gpumem.models_cli", "list the built-in model registry"),
-    "simulate": ("pytest_gpumem.simulate", "trace the real architecture's GRPO step on CPU (FakeTensorMode), phase by phase"),
-    "run": ("pytest_gpumem.run_cli", "measure a setup for real: N GRPO steps in a fresh process (GPU or CPU)"),
-    "validate": ("pytest_gpumem.validate", "measure a matrix of setups on this GPU and write validation/<gpu>-<date>.json"),
-    "explain": ("pytest_gpumem.explain", "explain a CUDA OOM / vLLM refusal: figures, phase, tensor, ranked levers"),
-    "fit": ("pytest_gpumem.fit", "find the best setup that fits a GPU, keeping completions per optimizer step"),
-    "table": ("pytest_gpumem.table_cli", "quick-reference table of recommended setups by GPU size (Markdown)"),
+    "estimate": ("pytest_gpumem.cli.estimate", "predict the GPU memory of a GRPO setup, phase by phase"),
+    "models": ("pytest_gpumem.cli.models", "list the built-in model registry"),
+    "simulate": ("pytest_gpumem.predict.faketensor", "trace the real architecture's GRPO step on CPU (FakeTensorMode), phase by phase"),
+    "run": ("pytest_gpumem.cli.run", "measure a setup for real: N GRPO steps in a fresh process (GPU or CPU)"),
+    "validate": ("pytest_gpumem.compare.validation", "measure a matrix of setups on this GPU and write validation/<gpu>-<date>.json"),
+    "explain": ("pytest_gpumem.diagnose.explain", "explain a CUDA OOM / vLLM refusal: figures, phase, tensor, ranked levers"),
+    "fit": ("pytest_gpumem.diagnose.fit", "find the best setup that fits a GPU, keeping completions per optimizer step"),
+    "table": ("pytest_gpumem.cli.table", "quick-reference table of recommended setups by GPU size (Markdown)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpumem", description="GPU memory of GRPO training: estimate, "
                                      "simulate, measure, explain.")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"pytest-gpumem {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -51,6 +51,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `gpumem models | head`
         return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

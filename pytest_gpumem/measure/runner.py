@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .breakdown import Breakdown, Component, Phase
-from .errors import GpuMemError
-from .measure import nvml_device_count, visible_device_entries
-from .spec import GRPOSetup
-from .units import format_gib
+from ..breakdown import Breakdown, Component, Phase
+from ..errors import GpuMemError
+from .snapshot import nvml_device_count, visible_device_entries
+from ..spec import GRPOSetup
+from ..units import format_gib
 
 STATUSES = ("ok", "oom", "crashed", "timeout", "skipped")
 DEVICES = ("auto", "cuda", "cpu")
@@ -329,7 +329,7 @@ def _child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     # never reach for the hub: models are built locally (preamble rule), datasets are in memory
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    package_root = str(Path(__file__).resolve().parent.parent)  # a fresh clone runs without being installed
+    package_root = str(Path(__file__).resolve().parents[2])  # a fresh clone runs without being installed
     env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     if extra:
         env.update(extra)
@@ -363,7 +363,7 @@ def run(setup: GRPOSetup | Mapping | str | Path, steps: int = 2, device: str = "
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
         raise GpuMemError("timeout_s", f"must be a positive number of seconds, got {timeout_s!r}", fix="e.g. 1800")
     if fault is not None:
-        from ._child import FAULTS
+        from .child.__main__ import FAULTS
 
         if fault not in FAULTS:
             raise GpuMemError("fault", f"unknown fault {fault!r}", fix=f"use one of {', '.join(FAULTS)}")
@@ -401,7 +401,7 @@ def run(setup: GRPOSetup | Mapping | str | Path, steps: int = 2, device: str = "
 
 def _run_child(request_path: Path, result_path: Path, work_dir: Path, env: dict[str, str], timeout_s: float,
                progress: ProgressCallback | None) -> dict[str, Any]:
-    command = [sys.executable, "-m", "pytest_gpumem._child", str(request_path), str(result_path)]
+    command = [sys.executable, "-m", "pytest_gpumem.measure.child", str(request_path), str(result_path)]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=env, cwd=str(work_dir), start_new_session=True, text=True, errors="replace",

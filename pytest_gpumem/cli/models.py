@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .models import registry, registry_record
+    from ..models import registry, registry_record
 
     rows = []
     for name, spec in registry().items():

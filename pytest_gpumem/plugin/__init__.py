@@ -31,17 +31,17 @@ from typing import Any, Callable
 
 import pytest
 
-from . import marks
-from .errors import GpuMemError
+from . import marker as marks
+from ..errors import GpuMemError
 from .fixtures import gpu_memory, grpo_step  # noqa: F401 - registers the fixtures with pytest
-from .ini import ini_bool, ini_value
-from .units import format_gib
+from .options import ini_bool, ini_value
+from ..units import format_gib
 
 MODES = ("auto", "estimate", "simulate", "measure")
 OFF = "off"
 REPORT_SECTION = "gpu budget"
-SIMULATE_MODULE = "pytest_gpumem.simulate"
-RUNNER_MODULE = "pytest_gpumem.runner"
+SIMULATE_MODULE = "pytest_gpumem.predict.faketensor"
+RUNNER_MODULE = "pytest_gpumem.measure.runner"
 #: steps the runner measures (the first builds optimizer states; the second is the steady state)
 MEASURE_STEPS = 2
 
@@ -75,7 +75,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("gpu_budget_mode", default="auto", help="pytest-gpumem: auto, estimate, simulate or measure")
     parser.addini("gpu_budget_default", default="", help="pytest-gpumem: default budget, e.g. '24 GiB'")
     parser.addini("gpu_budget_gpu", default="", help="pytest-gpumem: card to judge against, e.g. 'L4' or '24GiB'")
-    from . import baseline_plugin  # --gpu-budget-save/-baseline/-strict/-baseline-tolerance, --gpu-budget-md/-html
+    from . import baseline_gate as baseline_plugin  # --gpu-budget-save/-baseline/-strict/-baseline-tolerance, --gpu-budget-md/-html
 
     baseline_plugin.add_options(group, parser)
 
@@ -133,7 +133,7 @@ def _defaults(config: pytest.Config) -> marks.Defaults:
             budget_bytes, unit = marks.parse_size_string(size, "gpu_budget_default")
             budget_text = marks.budget_text(budget_bytes, unit)
         if gpu:
-            from .gpus import resolve_gpu
+            from ..gpus import resolve_gpu
 
             gpu_spec = resolve_gpu(gpu, field="gpu_budget_gpu")
     except GpuMemError as exc:
@@ -241,7 +241,7 @@ class Manager:
         self.writers: list[Callable[[list, "Manager"], str | None]] = []
         if json_path:
             self.writers.append(write_json_report)
-        from . import baseline_plugin  # baselines: one more check; Markdown/HTML reports: more writers
+        from . import baseline_gate as baseline_plugin  # baselines: one more check; Markdown/HTML reports: more writers
 
         baseline_plugin.configure(self)
 
@@ -305,7 +305,7 @@ class Manager:
 
     def run_step(self, setup: Any, spec: marks.BudgetSpec | None) -> Any:
         """One setup in this session's mode → a :class:`~pytest_gpumem.fixtures.StepResult`."""
-        from .estimate import estimate
+        from ..predict.analytic import estimate
         from .fixtures import StepResult
 
         gpu = spec.gpu if spec is not None else None
@@ -370,10 +370,10 @@ class Manager:
     def _levers(self, state: TestState) -> list[str]:
         """explain.levers_for: the top three changes that bring the peak down (when explain is installed)."""
         step = max(state.steps, key=lambda s: s.peak_bytes or 0) if state.steps else None
-        if step is None or importlib.util.find_spec("pytest_gpumem.explain") is None:
+        if step is None or importlib.util.find_spec("pytest_gpumem.diagnose.explain") is None:
             return []
         try:
-            from .explain import levers_for
+            from ..diagnose.explain import levers_for
 
             levers = levers_for(step.estimate, budget_bytes=state.spec.budget_bytes, n=3)
             return [lever.line() for lever in levers]
@@ -526,8 +526,8 @@ def render_table(records: list[dict]) -> list[str]:
 
 def render_section(record: dict) -> str:
     """The report section: budget, judged peak, the breakdown by phase, measurement, assumptions, warnings."""
-    from .breakdown import Breakdown
-    from .report_text import breakdown_table
+    from ..breakdown import Breakdown
+    from ..report.text import breakdown_table
 
     lines = [f"mode: {record.get('mode')}    budget: {record.get('budget_text')}"
              + (f"    card: {record['gpu']['name']} ({format_gib(record['gpu']['total_bytes'])})"
@@ -568,8 +568,8 @@ def render_section(record: dict) -> str:
 
 
 def write_json_report(records: list[dict], manager: Manager) -> str:
-    from . import __version__
-    from . import jsonreport
+    from .. import __version__
+    from ..report import json as jsonreport
 
     config = manager.config
     session = {

@@ -1,0 +1,1 @@
+"""The measurement child process (``python -m pytest_gpumem.measure.child``): it never imports the parent's runner."""

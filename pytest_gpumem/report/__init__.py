@@ -1,0 +1,1 @@
+"""Stage 5: rendering records — one module per format."""
