@@ -11,8 +11,8 @@ from .gpus import resolve_gpu
 from .models import ModelSpec, resolve_model
 from .spec import GRPOSetup
 from .units import format_both, parse_size
+from .versions import PACKAGE_VERSION as __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Breakdown", "Component", "Phase", "GpuMemError", "SetupError", "UnknownModelError", "Estimate",

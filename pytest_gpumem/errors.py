@@ -33,3 +33,7 @@ class SetupError(GpuMemError):
 
 class UnknownModelError(GpuMemError):
     """A model name that is neither in the registry, a local path, nor in the offline HF cache."""
+
+
+class MarkerError(GpuMemError):
+    """A ``gpu_budget`` marker argument (or a setup given to it) that cannot be used."""

@@ -17,19 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from .architectures import architecture
 from .errors import UnknownModelError
 
 DATA_DIR = Path(__file__).parent / "data"
-
-# transformers hard-codes q/k/v biases for these (their config.json has no attention_bias key).
-_QKV_BIAS_ONLY_TYPES = {"qwen2", "qwen2_moe"}
-# per-head RMSNorm on q and k
-_QK_NORM_TYPES = {"qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2", "olmoe"}
-# Gemma 2/3 blocks have four RMSNorms per layer (pre/post attention, pre/post feed-forward)
-_FOUR_NORM_TYPES = {"gemma2", "gemma3", "gemma3_text"}
-# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (same parameter count)
-_FUSED_PROJ_TYPES = {"phi3"}
-_GEMMA_TYPES = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 
 
 @dataclass(frozen=True)
@@ -150,6 +141,14 @@ class ModelSpec:
         """KV cache bytes per token over all layers: ``2 · n_layers · kv_heads · head_dim · bytes``."""
         return 2 * self.num_hidden_layers * self.kv_out * dtype_bytes
 
+    def kv_cache_bytes(self, tokens: int, dtype_bytes: int = 2) -> int:
+        """KV cache of one sequence of ``tokens``: ``Σ_layers 2 · kv_heads · head_dim · bytes · tokens``, a
+        sliding-window layer keeping at most ``sliding_window`` tokens (docs/memory-model.md §3). HF generate's
+        cache, vLLM's pool and vLLM's one-sequence start-up check all use this one formula."""
+        sliding_tokens = min(tokens, self.sliding_window or tokens)
+        return 2 * self.kv_out * dtype_bytes * (self.num_full_attention_layers * tokens
+                                                 + self.num_sliding_layers * sliding_tokens)
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``{module: (in_features, out_features)}`` of one decoder layer's dense projections (LoRA targets)."""
         h, i = self.hidden_size, self.intermediate_size
@@ -176,7 +175,7 @@ class ModelSpec:
 
         if "text_config" in config and isinstance(config["text_config"], Mapping):
             outer = config
-            config = {**_gemma3_text_defaults(outer), **config["text_config"]}
+            config = {**architecture(outer.get("model_type")).text_config_defaults, **config["text_config"]}
             config.setdefault("model_type", outer.get("model_type"))
         model_type = config.get("model_type")
         if not model_type:
@@ -191,9 +190,10 @@ class ModelSpec:
         hidden = int(config["hidden_size"])
         head_dim = config.get("head_dim") or hidden // heads
         attention_bias = config.get("attention_bias")
+        arch = architecture(model_type)
         if "qkv_bias" in config:
             qkv_bias, o_bias = bool(config["qkv_bias"]), bool(config.get("o_proj_bias"))
-        elif model_type in _QKV_BIAS_ONLY_TYPES:
+        elif arch.qkv_bias_hardcoded:
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(attention_bias)
@@ -211,14 +211,13 @@ class ModelSpec:
             num_attention_heads=heads,
             num_key_value_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings",
-                                                model_type in _GEMMA_TYPES)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", arch.tied_embeddings)),
             qkv_bias=qkv_bias,
             o_proj_bias=o_bias,
             mlp_bias=bool(config.get("mlp_bias", False)) and not num_experts,
-            qk_norm=bool(config.get("qk_norm", model_type in _QK_NORM_TYPES)),
-            norms_per_layer=4 if model_type in _FOUR_NORM_TYPES else 2,
-            attention_sinks=bool(config.get("attention_sinks", model_type == "gpt_oss")),
+            qk_norm=bool(config.get("qk_norm", arch.qk_norm)),
+            norms_per_layer=arch.norms_per_layer,
+            attention_sinks=bool(config.get("attention_sinks", arch.attention_sinks)),
             num_sliding_layers=num_sliding,
             sliding_window=window,
             num_experts=int(num_experts) if num_experts else None,
@@ -226,21 +225,12 @@ class ModelSpec:
             or None,
             moe_intermediate_size=int(config["moe_intermediate_size"]) if config.get("moe_intermediate_size")
             else None,
-            expert_bias=model_type == "gpt_oss",
+            expert_bias=arch.expert_bias,
             checkpoint_dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
-            fused_projections=model_type in _FUSED_PROJ_TYPES,
+            fused_projections=arch.fused_projections,
             published_num_params=published_num_params,
             source=source,
         )
-
-
-def _gemma3_text_defaults(outer: Mapping[str, Any]) -> dict[str, Any]:
-    """Gemma 3's published config.json gives a minimal text_config; the rest are transformers'
-    ``Gemma3TextConfig`` defaults (see data/models.json notes for gemma-3-4b-it)."""
-    if outer.get("model_type") != "gemma3":
-        return {}
-    return {"vocab_size": 262208, "head_dim": 256, "num_attention_heads": 8, "num_key_value_heads": 4,
-            "sliding_window_pattern": 6, "tie_word_embeddings": True, "model_type": "gemma3_text"}
 
 
 def _sliding_layers(config: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[int, int | None]:
@@ -255,12 +245,9 @@ def _sliding_layers(config: Mapping[str, Any], model_type: str, num_layers: int)
     if pattern and window and int(pattern) > 0:
         # layer i is full attention iff (i + 1) % pattern == 0: num_layers // pattern of them
         return num_layers - num_layers // int(pattern), window
-    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_r1"):
-        if not config.get("use_sliding_window"):
-            return 0, None
-    if model_type == "mistral" and window:
+    if architecture(model_type).sliding_window == "every_layer" and window:
         return num_layers, window
-    return 0, None
+    return 0, None  # a window no layer uses (Qwen2/3 configs carry one with use_sliding_window false)
 
 
 # -- the registry -----------------------------------------------------------------------------------

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from .architectures import architecture
 from .errors import SetupError
 from .models import ModelSpec, resolve_model
+from .versions import installed_version_once, parse_version
 
 #: The newest TRL version whose memory behaviour is modelled (its GRPO log-prob path).
 NEWEST_MODELLED_TRL = "1.16.0"
@@ -102,39 +102,6 @@ ALIASES = {"gpu_memory_utilization": "vllm_gpu_memory_utilization", "torch_dtype
            "r": "lora_rank", "target_modules": "lora_target_modules", "fast_inference": "use_vllm"}
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the architectures we know.
-PEFT_DEFAULT_TARGETS = {"phi3": ("qkv_proj",), "gpt_oss": ("q_proj", "v_proj")}
-
-
-def installed_trl_version() -> str | None:
-    """The installed trl's version, read from package metadata (importing trl takes seconds)."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover - Python < 3.8
-        return None
-    try:
-        return version("trl")
-    except PackageNotFoundError:
-        return None
-
-
-@lru_cache(maxsize=None)
-def _installed_trl_version_cached() -> str | None:
-    return installed_trl_version()
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """``"1.16.0.dev0"`` → ``(1, 16, 0)``; ``(0,)`` when it does not start with a number. ASCII digits only:
-    ``str.isdigit`` accepts ``"²"``, which ``int`` then refuses (found by the fuzz test)."""
-    parts = []
-    for piece in str(text).split("."):
-        match = re.match(r"[0-9]+", piece)
-        if not match:
-            break
-        parts.append(int(match.group()))
-        if match.end() != len(piece):
-            break
-    return tuple(parts) or (0,)
 
 
 @dataclass(frozen=True)
@@ -320,7 +287,7 @@ class GRPOSetup:
         available = spec.linear_shapes()
         targets = self.lora_target_modules
         if targets is None:
-            targets = PEFT_DEFAULT_TARGETS.get(spec.model_type, ("q_proj", "v_proj"))
+            targets = architecture(spec.model_type).peft_default_targets
         if targets == "all-linear":
             return tuple(available)
         return tuple(t for t in targets if t in available)
@@ -404,7 +371,7 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
 
     # trl version and logits mode
     if setup.trl_version is None:
-        _set(setup, "trl_version", _installed_trl_version_cached() or NEWEST_MODELLED_TRL)
+        _set(setup, "trl_version", installed_version_once("trl") or NEWEST_MODELLED_TRL)
     if not isinstance(setup.trl_version, str) or parse_version(setup.trl_version) == (0,):
         raise SetupError("trl_version", f"cannot read {setup.trl_version!r} as a version", fix="e.g. '1.16.0'")
     if setup.logits is None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from pytest_gpumem.compare import baseline as baseline_module
-from pytest_gpumem.compare.baseline import (DEFAULT_TOLERANCE, SCHEMA_VERSION, BaselineStore, BaselineStoreError, Tolerance,
+from pytest_gpumem.compare.baseline import (DEFAULT_TOLERANCE, SCHEMA_VERSION, BaselineStore, BaselineStoreError,
                                     check_against_baseline, compare, hardware_key, headline_peak_bytes,
                                     record_from_result, software_versions)
 from pytest_gpumem.errors import GpuMemError
 from pytest_gpumem.predict.analytic import estimate
-from pytest_gpumem.units import GIB, MIB
+from pytest_gpumem.units import GIB, MIB, Tolerance
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = {"python": "3.11.7", "torch": "2.8.0", "transformers": "4.57.1", "trl": "0.24.0", "vllm": "0.11.0",
@@ -83,13 +83,13 @@ def test_hardware_key_rejects_incomplete_input(args):
 def test_tolerance_forms(text, percent, absolute_bytes):
     tolerance = Tolerance.parse(text)
     assert (tolerance.percent, tolerance.absolute_bytes) == (percent, absolute_bytes)
-    assert Tolerance.parse(str(tolerance)) == Tolerance(percent, absolute_bytes, str(tolerance))
+    assert Tolerance.parse(str(tolerance)) == Tolerance(percent / 100, absolute_bytes, str(tolerance))
 
 
 def test_tolerance_allows_percent_of_the_baseline_plus_absolute():
     tolerance = Tolerance.parse("5%+256MiB")
-    assert tolerance.allowed_growth_bytes(14 * GIB) == int(14 * GIB * 0.05) + 256 * MIB
-    assert Tolerance.parse("0").allowed_growth_bytes(14 * GIB) == 0
+    assert tolerance.allowed_bytes(14 * GIB) == int(14 * GIB * 0.05) + 256 * MIB
+    assert Tolerance.parse("0").allowed_bytes(14 * GIB) == 0
 
 
 @pytest.mark.parametrize("text, expected_in_message", [
@@ -374,7 +374,7 @@ def test_fourteen_to_seventeen_gib_fails_and_names_logits():
 @pytest.mark.parametrize("tolerance", ["5%+256MiB", "5%", "256MiB", "0"])
 def test_tolerance_boundary_is_inclusive(tolerance):
     base = 14 * GIB
-    allowed = Tolerance.parse(tolerance).allowed_growth_bytes(base)
+    allowed = Tolerance.parse(tolerance).allowed_bytes(base)
     before = record_from_result(measure_result(base), versions=VERSIONS)
     at_limit = record_from_result(measure_result(base + allowed), versions=VERSIONS)
     over = record_from_result(measure_result(base + allowed + 1), versions=VERSIONS)

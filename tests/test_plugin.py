@@ -17,9 +17,9 @@ import pytest
 
 from pytest_gpumem import estimate
 from pytest_gpumem.gpus import resolve_gpu
-from pytest_gpumem.plugin.marker import (MarkerError, Tolerance, budget_text, check_prediction_matches_measurement,
-                                 parse_size_string, parse_tolerance, spec_from_marker)
-from pytest_gpumem.units import GB, GIB, MB, MIB
+from pytest_gpumem.plugin.marker import (MarkerError, check_prediction_matches_measurement, parse_size_string,
+                                         parse_tolerance, spec_from_marker)
+from pytest_gpumem.units import GB, GIB, MB, MIB, Tolerance, budget_text
 
 # A small real setup: its estimate is pure arithmetic (< 1 ms) and has a clear peak.
 SETUP = {"model": "Qwen/Qwen2.5-0.5B", "dtype": "bfloat16", "per_device_train_batch_size": 4,

@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from ..errors import GpuMemError
+from ..versions import PACKAGE_VERSION
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,9 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpumem", description="GPU memory of GRPO training: estimate, "
                                      "simulate, measure, explain.")
-    from .. import __version__
-
-    parser.add_argument("--version", action="version", version=f"pytest-gpumem {__version__}")
+    parser.add_argument("--version", action="version", version=f"pytest-gpumem {PACKAGE_VERSION}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)

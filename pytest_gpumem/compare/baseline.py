@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..breakdown import Breakdown
 from ..errors import GpuMemError
-from ..units import MIB, format_gib, parse_size
+from ..units import MIB, Tolerance, format_gib
+from ..versions import PACKAGE_VERSION, installed_versions
 
 SCHEMA_NAME = "pytest-gpumem-baselines"
 SCHEMA_VERSION = 1
@@ -82,98 +84,11 @@ def hardware_key(mode: str, gpu_name: str | None = None, total_bytes: int | None
     return f"{' '.join(str(gpu_name).split())} ({int(total_bytes) // MIB} MiB)"
 
 
-# -- tolerance ------------------------------------------------------------------------------------
-_PERCENT_RE = re.compile(r"^(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%$")
-TOLERANCE_FORMS = "'5%', '256MiB', '5%+256MiB' (percent of the baseline plus an absolute size), or '0'"
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Allowed growth over a baseline: ``percent`` of the baseline plus ``absolute_bytes``.
-
-    A value is a regression when ``current > baseline + baseline * percent / 100 + absolute_bytes``
-    (pytest-torch's rule is ``new > base * 1.10 + 1 MB``; both parts are configurable here).
-    """
-
-    percent: float = 0.0
-    absolute_bytes: int = 0
-    text: str = ""
-
-    @classmethod
-    def parse(cls, text: "str | Tolerance", *, field: str = "tolerance") -> "Tolerance":
-        """``"5%"``, ``"256MiB"``, ``"5%+256MiB"``, ``"256 MiB + 5%"``, ``"0"``. Sizes use explicit units
-        (:func:`~pytest_gpumem.units.parse_size`: GB = 10**9, GiB = 2**30)."""
-        if isinstance(text, Tolerance):
-            return text
-        if not isinstance(text, str):
-            raise GpuMemError(field, f"expected a string like '5%+256MiB', got {text!r} ({type(text).__name__})",
-                              fix=f"write it as {TOLERANCE_FORMS}")
-        stripped = text.strip()
-        if stripped in ("0", "0%"):
-            return cls(0.0, 0, stripped)
-        if not stripped:
-            raise GpuMemError(field, "empty tolerance", fix=f"write it as {TOLERANCE_FORMS}")
-        percent: float | None = None
-        absolute: int | None = None
-        for term in stripped.split("+"):
-            term = term.strip()
-            if not term:
-                raise GpuMemError(field, f"cannot read {text!r}: empty term around '+'",
-                                  fix=f"write it as {TOLERANCE_FORMS}")
-            if term.endswith("%"):
-                match = _PERCENT_RE.match(term)
-                if not match:
-                    raise GpuMemError(field, f"cannot read {term!r} in {text!r} as a percentage",
-                                      fix=f"write it as {TOLERANCE_FORMS}")
-                if percent is not None:
-                    raise GpuMemError(field, f"{text!r} gives a percentage twice", fix=f"write it as {TOLERANCE_FORMS}")
-                percent = float(match.group("number"))
-                if not math.isfinite(percent):
-                    raise GpuMemError(field, f"percentage in {text!r} is not finite", fix=f"write it as {TOLERANCE_FORMS}")
-            else:
-                if re.fullmatch(r"[0-9.]+", term):
-                    raise GpuMemError(field, f"{term!r} in {text!r} has no unit: a bare number is ambiguous",
-                                      fix=f"write '{term}%' or '{term}MiB' ({TOLERANCE_FORMS})")
-                if absolute is not None:
-                    raise GpuMemError(field, f"{text!r} gives an absolute size twice",
-                                      fix=f"write it as {TOLERANCE_FORMS}")
-                try:
-                    absolute = parse_size(term, field=field)
-                except GpuMemError as exc:
-                    raise GpuMemError(field, f"cannot read {term!r} in {text!r}: {exc.problem}",
-                                      fix=f"write it as {TOLERANCE_FORMS}; sizes need a unit (GB, GiB, MB, MiB)") from None
-        return cls(percent or 0.0, absolute or 0, stripped)
-
-    def allowed_growth_bytes(self, baseline_bytes: int) -> int:
-        return int(baseline_bytes * self.percent / 100.0) + self.absolute_bytes
-
-    def __str__(self) -> str:
-        parts = []
-        if self.percent:
-            parts.append(f"{self.percent:g}%")
-        if self.absolute_bytes:
-            parts.append(_exact_size_text(self.absolute_bytes))
-        return "+".join(parts) or "0"
-
-
 # -- software versions ----------------------------------------------------------------------------
 def software_versions(packages: Iterable[str] = VERSIONED_PACKAGES) -> dict[str, str | None]:
     """Installed versions from package metadata (``None`` = not installed). Imports nothing heavy:
     ``importlib.metadata`` reads ``*.dist-info`` files, so this is milliseconds, not torch's seconds."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    if versions.get("pytest-gpumem") is None and "pytest-gpumem" in versions:
-        from . import __version__  # running from a source checkout that is not pip-installed
-
-        versions["pytest-gpumem"] = __version__
-    return versions
+    return {"python": platform.python_version(), **installed_versions(packages)}
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -310,9 +225,7 @@ class BaselineStore:
     def _write(self, document: dict[str, Any]) -> None:
         document["schema"] = SCHEMA_NAME
         document["schema_version"] = SCHEMA_VERSION
-        from .. import __version__
-
-        document["written_by"] = f"pytest-gpumem {__version__}"
+        document["written_by"] = f"pytest-gpumem {PACKAGE_VERSION}"
         # Sorted keys and a trailing newline: the committed file diffs cleanly in code review.
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
         fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
@@ -525,7 +438,7 @@ def compare(baseline_record: Mapping[str, Any], current_record: Mapping[str, Any
             baseline_bytes = headline_peak_bytes(baseline_record)[1]
     if baseline_bytes is None or current_bytes is None:
         raise GpuMemError("baseline", "nothing to compare: a record has no peak", fix="record with record_from_result()")
-    allowed = tolerance.allowed_growth_bytes(baseline_bytes)
+    allowed = tolerance.allowed_bytes(baseline_bytes)
     delta = current_bytes - baseline_bytes
     status = "grew" if delta > allowed else "shrank" if -delta > allowed else "same"
 
@@ -632,14 +545,6 @@ def _changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, t
         if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True, default=str):
             changed[name] = (old, new)
     return changed
-
-
-def _exact_size_text(num_bytes: int) -> str:
-    """The largest unit that divides ``num_bytes`` exactly, so the text parses back to the same bytes."""
-    for unit, size in (("GiB", 2**30), ("GB", 10**9), ("MiB", 2**20), ("MB", 10**6), ("KiB", 2**10), ("KB", 10**3)):
-        if num_bytes % size == 0:
-            return f"{num_bytes // size}{unit}"
-    return f"{num_bytes}B"
 
 
 def _signed_gib(num_bytes: int) -> str:

@@ -623,17 +623,6 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def one_sequence_kv_bytes(setup: Any) -> int:
-    """KV bytes of one sequence of ``max_prompt_length + max_completion_length`` tokens, bf16, with
-    sliding-window layers capped at their window — the smallest pool vLLM accepts (vLLM v1
-    ``kv_cache_utils.check_enough_kv_cache_memory``); same formula as the estimate's ``kv_cache_needed``."""
-    spec = setup.model_spec
-    per_layer_token = 2 * spec.kv_out * 2
-    length = setup.seq_len
-    sliding = min(length, spec.sliding_window or length)
-    return per_layer_token * (spec.num_full_attention_layers * length + spec.num_sliding_layers * sliding)
-
-
 def min_vllm_utilization(setup: Any, total_bytes: int, result: Any = None) -> float | None:
     """The smallest ``vllm_gpu_memory_utilization`` (2 decimals, rounded up) whose KV pool still holds one
     full sequence: ``(vLLM weights + activation peak + non-torch + CUDA graphs + one sequence) / total``
@@ -651,7 +640,7 @@ def min_vllm_utilization(setup: Any, total_bytes: int, result: Any = None) -> fl
     fixed = sum(persistent.get(c.value, 0) for c in (Component.VLLM_WEIGHTS, Component.VLLM_ACTIVATIONS,
                                                       Component.VLLM_NON_TORCH, Component.VLLM_CUDA_GRAPHS))
     basis = total_bytes - CUDA_CONTEXT_BYTES if setup.backend == "unsloth" else total_bytes
-    needed = (fixed + one_sequence_kv_bytes(setup)) / basis
+    needed = (fixed + setup.model_spec.kv_cache_bytes(setup.seq_len)) / basis
     return min(1.0, -(-round(needed * 10000) // 100) / 100)  # ceil to 0.01 (via integer math, no float drift)
 
 

@@ -36,6 +36,7 @@ from ..errors import GpuMemError
 from .fixtures import gpu_memory, grpo_step  # noqa: F401 - registers the fixtures with pytest
 from .options import ini_bool, ini_value
 from ..units import format_gib
+from ..versions import PACKAGE_VERSION
 
 MODES = ("auto", "estimate", "simulate", "measure")
 OFF = "off"
@@ -568,7 +569,6 @@ def render_section(record: dict) -> str:
 
 
 def write_json_report(records: list[dict], manager: Manager) -> str:
-    from .. import __version__
     from ..report import json as jsonreport
 
     config = manager.config
@@ -578,7 +578,7 @@ def write_json_report(records: list[dict], manager: Manager) -> str:
         "exitstatus": getattr(manager, "exitstatus", None), "mode": manager.mode, "mode_reason": manager.mode_reason,
         "pytest_args": list(config.invocation_params.args), "rootdir": str(config.rootpath),
         "xdist_workers": getattr(config.option, "numprocesses", None),
-        "plugin_version": __version__,
+        "plugin_version": PACKAGE_VERSION,
         "defaults": {"budget_bytes": manager.defaults.budget_bytes, "budget_text": manager.defaults.budget_text,
                      "gpu": manager.defaults.gpu.to_dict() if manager.defaults.gpu else None},
     }

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..errors import GpuMemError
+from ..errors import GpuMemError, MarkerError
 from ..gpus import GPU, resolve_gpu
 from ..spec import GRPOSetup
-from ..units import GB, GIB, MB, MIB, format_gib
+from ..units import UNIT_BYTES, Tolerance, budget_text, format_gib, read_size
 
 MARKER = "gpu_budget"
 
-#: the size keywords and the bytes per unit each stands for
-SIZE_KEYWORDS: dict[str, int] = {"gb": GB, "gib": GIB, "mb": MB, "mib": MIB}
-SIZE_UNITS: dict[str, tuple[str, int]] = {"gb": ("GB", GB), "gib": ("GiB", GIB), "mb": ("MB", MB),
-                                          "mib": ("MiB", MIB)}
+#: the units a budget may be given in (lower case -> (as printed, bytes)), and the marker's number keywords
+SIZE_UNITS: dict[str, tuple[str, int]] = {name.lower(): (name, UNIT_BYTES[name.lower()])
+                                          for name in ("GB", "GiB", "MB", "MiB")}
+SIZE_KEYWORDS: dict[str, int] = {keyword: num_bytes for keyword, (_, num_bytes) in SIZE_UNITS.items()}
 OTHER_KEYWORDS = ("setup", "tolerance", "gpu", "baseline_tolerance")
 ALL_KEYWORDS = tuple(SIZE_KEYWORDS) + ("size",) + OTHER_KEYWORDS
 
@@ -44,46 +44,25 @@ MARKER_HELP = (f"{MARKER}(gb=|gib=|mb=|mib=|size='17 GiB', setup=None, tolerance
 #: the largest budget we accept: anything above is a typo (1 PB)
 MAX_BUDGET_BYTES = 10**15
 #: the prediction-vs-measurement band when none is given; revisit once validation/ has enough GPU runs
-DEFAULT_TOLERANCE = 0.10
-
-_SIZE_RE = re.compile(r"^\s*(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[A-Za-z]+)\s*$")
-
-
-class MarkerError(GpuMemError):
-    """A ``gpu_budget`` marker argument (or a setup given to it) that cannot be used."""
+DEFAULT_TOLERANCE = Tolerance(0.10, 0, "10%")
 
 
 # -- sizes -------------------------------------------------------------------------------------------------
-def budget_text(num_bytes: int, unit: str = "gb") -> str:
-    """``17 GB = 15.83 GiB`` / ``20 GiB = 21.47 GB`` / ``512 MiB = 536.87 MB``: the user's unit first, its
-    decimal/binary twin second, so nobody has to guess which one was meant."""
-    unit = unit.lower()
-    if unit in ("mb", "mib") or num_bytes < GB // 2:
-        pair = (("MiB", MIB), ("MB", MB)) if unit in ("mib", "gib") else (("MB", MB), ("MiB", MIB))
-    else:
-        pair = (("GiB", GIB), ("GB", GB)) if unit in ("gib", "mib") else (("GB", GB), ("GiB", GIB))
-    return " = ".join(_number(num_bytes / size) + " " + name for name, size in pair)
-
-
-def _number(value: float) -> str:
-    text = f"{value:.2f}"
-    return text[:-3] if text.endswith(".00") else text
-
-
 def parse_size_string(value: Any, field: str = "size") -> tuple[int, str]:
     """``"17 GiB"`` → (bytes, unit). Units GB/GiB/MB/MiB, case-insensitive; nothing may trail the unit."""
     if not isinstance(value, str):
         raise MarkerError(field, f"expected a string with a unit, got {value!r} ({type(value).__name__})",
                           fix=f"write {field}='17 GiB', or use the number keywords: {ACCEPTED_BUDGET_FORMS}")
-    match = _SIZE_RE.match(value)
-    if not match:
+    size = read_size(value)
+    if size is None:
         raise MarkerError(field, f"cannot read {value!r} as a size (a number and a unit, nothing else)",
                           fix=f"write {field}='17 GiB' or {field}='24GB'; accepted: {ACCEPTED_BUDGET_FORMS}")
-    unit = match.group("unit").lower()
+    number, written_unit = size
+    unit = written_unit.lower()
     if unit not in SIZE_UNITS:
-        raise MarkerError(field, f"unknown unit {match.group('unit')!r} in {value!r}",
+        raise MarkerError(field, f"unknown unit {written_unit!r} in {value!r}",
                           fix="use GB (10^9 bytes), GiB (2^30), MB (10^6) or MiB (2^20)")
-    return _to_bytes(float(match.group("number")), unit, field, value), unit
+    return _to_bytes(number, unit, field, value), unit
 
 
 def parse_size_number(value: Any, keyword: str) -> int:
@@ -144,67 +123,10 @@ def parse_budget(args: tuple, kwargs: Mapping[str, Any]) -> tuple[int, str] | No
     return num_bytes, budget_text(num_bytes, unit)
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """A band: ``fraction`` of the reference plus ``absolute_bytes`` (``"10%"``, ``0.1``, ``"5%+256MiB"``).
-
-    The grammar is the baselines' (:mod:`pytest_gpumem.baseline`), so one marker ``tolerance=`` reads the
-    same everywhere; a bare number is a fraction (0.10 = 10%)."""
-
-    fraction: float = DEFAULT_TOLERANCE
-    absolute_bytes: int = 0
-    text: str = "10%"
-
-    def allowed_bytes(self, reference_bytes: int) -> int:
-        return int(reference_bytes * self.fraction) + self.absolute_bytes
-
-
-_PERCENT_RE = re.compile(r"^\s*(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*%\s*$")
-
-
 def parse_tolerance(value: Any, field: str = "tolerance") -> Tolerance:
-    """``0.10`` / ``"10%"`` / ``"256MiB"`` / ``"5%+256MiB"`` → :class:`Tolerance`. A bare number is a
-    fraction in [0, 1]: ``tolerance=10`` is refused (it would mean 1000%)."""
-    fix = "write a fraction such as tolerance=0.10, or a string: '10%', '256MiB' or '5%+256MiB'"
-    if isinstance(value, Tolerance):
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise MarkerError(field, f"expected a fraction or a percentage, got {value!r} ({type(value).__name__})",
-                          fix=fix)
-    if not isinstance(value, str):
-        number = float(value)
-        if not math.isfinite(number) or number < 0:
-            raise MarkerError(field, f"must be a fraction ≥ 0, got {value!r}", fix=fix)
-        if number > 1:
-            raise MarkerError(field, f"{value!r} is more than 100%", fix=f"did you mean '{_number(number)}%'? {fix}")
-        return Tolerance(number, 0, f"{number:.0%}" if round(number * 100, 6).is_integer() else f"{number:.2%}")
-    fraction, absolute = None, None
-    if not value.strip():
-        raise MarkerError(field, "is an empty string", fix=fix)
-    for term in value.split("+"):
-        percent = _PERCENT_RE.match(term)
-        if percent:
-            if fraction is not None:
-                raise MarkerError(field, f"{value!r} gives a percentage twice", fix=fix)
-            fraction = float(percent.group("number")) / 100
-            if not math.isfinite(fraction) or fraction > 1:
-                raise MarkerError(field, f"{term.strip()!r} in {value!r} is more than 100%", fix=fix)
-            continue
-        size = _SIZE_RE.match(term)
-        if size and size.group("unit").lower() in SIZE_UNITS:
-            if absolute is not None:
-                raise MarkerError(field, f"{value!r} gives an absolute size twice", fix=fix)
-            absolute = int(round(float(size.group("number")) * SIZE_UNITS[size.group("unit").lower()][1]))
-            if absolute > MAX_BUDGET_BYTES:
-                raise MarkerError(field, f"{term.strip()!r} in {value!r} is more than any GPU holds", fix=fix)
-            continue
-        if _is_number(term):
-            number = float(term)
-            if "+" not in value and math.isfinite(number) and 0 <= number <= 1:
-                return Tolerance(number, 0, value.strip())
-            raise MarkerError(field, f"{term.strip()!r} in {value!r} has no unit", fix=f"write '{term.strip()}%'? {fix}")
-        raise MarkerError(field, f"cannot read {term.strip()!r} in {value!r}", fix=fix)
-    return Tolerance(fraction or 0.0, absolute or 0, value.strip())
+    """The marker's ``tolerance=`` (prediction vs measurement): :meth:`~pytest_gpumem.units.Tolerance.parse`'s
+    grammar, at most 100% (``tolerance=10`` is refused: it would mean 1000%)."""
+    return Tolerance.parse(value, field=field, max_fraction=1.0, error=MarkerError)
 
 
 def parse_setup(value: Any, base_dirs: tuple[Path, ...] = (), field: str = "setup") -> GRPOSetup:
@@ -248,7 +170,7 @@ class Defaults:
     budget_bytes: int | None = None
     budget_text: str | None = None
     gpu: GPU | None = None
-    tolerance: Tolerance = Tolerance()
+    tolerance: Tolerance = DEFAULT_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -285,8 +207,6 @@ def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults 
     origin = "marker"
     tolerance = parse_tolerance(kwargs["tolerance"]) if kwargs.get("tolerance") is not None else defaults.tolerance
     if kwargs.get("baseline_tolerance") is not None:  # validated here (a collection error); applied by baseline_plugin
-        from ..compare.baseline import Tolerance
-
         Tolerance.parse(kwargs["baseline_tolerance"], field="baseline_tolerance")
     marker_gpu = parse_gpu(kwargs["gpu"]) if kwargs.get("gpu") is not None else None
     gpu = marker_gpu or defaults.gpu
@@ -366,7 +286,7 @@ def check_run_completed(record: Mapping[str, Any], item: Any = None) -> str | No
     if run["status"] == "oom" and record.get("setup"):
         # explain it: the shortfall, the phase and which predicted tensor the failed allocation is (the levers
         # follow in the failure text); an unreadable message only loses the explanation
-        from ..errors import GpuMemError
+        from ..errors import GpuMemError, MarkerError
         from ..diagnose.explain import diagnose
 
         text = (run.get("oom") or {}).get("message") or reason
@@ -422,7 +342,7 @@ def check_prediction_matches_measurement(record: Mapping[str, Any], item: Any = 
         return None
     if tolerance is None:
         spec = spec_of(item) if item is not None else None
-        tolerance = spec.tolerance if spec is not None else Tolerance()
+        tolerance = spec.tolerance if spec is not None else DEFAULT_TOLERANCE
     predicted_peak = int(predicted["peak_bytes"])
     gap = abs(predicted_peak - measured_peak)
     if gap <= tolerance.allowed_bytes(measured_peak):

@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..versions import installed_versions
+
 SCHEMA = "pytest-gpumem-report"
 SCHEMA_VERSION = 1
 VERDICTS = ("passed", "failed", "error", "xfailed", "skipped")
@@ -36,15 +38,7 @@ PACKAGES = ("pytest-gpumem", "pytest", "torch", "transformers", "trl", "peft", "
 
 
 def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str | None] = {}
-    for name in names:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return installed_versions(names)
 
 
 def visible_gpus() -> tuple[list[dict[str, Any]], str | None]:

@@ -31,6 +31,7 @@ from ...breakdown import Phase
 from ..snapshot import (MemorySnapshot, NvmlSampler, PhaseTracker, RssSampler, no_cuda_reason, nvml, nvml_handle,
                       nvml_memory, torch_device_uuid)
 from ...units import format_gib
+from ...versions import PACKAGE_VERSION, installed_versions
 
 PROGRESS_PREFIX = "GPUMEM-PROGRESS "
 RESULT_SCHEMA = "pytest-gpumem/run/1"
@@ -78,17 +79,9 @@ def parse_oom_text(text: str) -> tuple[dict | None, str | None]:
 
 
 def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from ... import __version__
-
-    result: dict[str, str | None] = {"python": platform.python_version(), "pytest_gpumem": __version__}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "unsloth",
-                 "bitsandbytes", "tokenizers", "nvidia-ml-py"):
-        try:
-            result[name] = version(name)
-        except PackageNotFoundError:
-            result[name] = None
+    result: dict[str, str | None] = {"python": platform.python_version(), "pytest_gpumem": PACKAGE_VERSION}
+    result.update(installed_versions(("torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm",
+                                      "unsloth", "bitsandbytes", "tokenizers", "nvidia-ml-py")))
     torch = sys.modules.get("torch")
     if torch is not None:
         result["torch_cuda"] = getattr(torch.version, "cuda", None)

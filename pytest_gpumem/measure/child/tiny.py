@@ -23,6 +23,7 @@ import random
 from pathlib import Path
 from typing import Any, Mapping
 
+from ...architectures import architecture
 from ...errors import GpuMemError
 from ...models import ModelSpec, registry_record, resolve_model
 
@@ -43,8 +44,6 @@ TINY_QWEN2_CONFIG: dict[str, Any] = {
 # Keys of the registry's normalised configs (data/models.json) that are not transformers config fields.
 _REGISTRY_ONLY_KEYS = {"head_dim_in_config", "tie_word_embeddings_in_config", "qkv_bias", "o_proj_bias", "qk_norm",
                        "text_model_type", "vision_config", "mm_tokens_per_image", "name", "_name_or_path"}
-# Multimodal registry records whose language model we build (the vision tower is not part of GRPO's text path).
-_TEXT_MODEL_TYPES = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.safetensors.index.json")
 
@@ -96,9 +95,9 @@ def hf_config_from_registry(config: Mapping[str, Any]) -> dict[str, Any]:
     """
     data = {key: value for key, value in config.items() if value is not None and key not in _REGISTRY_ONLY_KEYS}
     model_type = data.get("model_type")
-    if model_type in _TEXT_MODEL_TYPES:
-        data["model_type"], architecture = _TEXT_MODEL_TYPES[model_type]
-        data["architectures"] = [architecture]
+    arch = architecture(model_type)
+    if arch.text_model_type:  # a multimodal record: its language model (no vision tower on GRPO's text path)
+        data["model_type"], data["architectures"] = arch.text_model_type, [arch.text_architecture]
     layer_types = data.get("layer_types")
     if isinstance(layer_types, Mapping):  # registry summary -> the per-layer list transformers expects
         full = set(layer_types.get("full_attention_layers") or [])

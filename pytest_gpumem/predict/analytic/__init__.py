@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from ...architectures import architecture
 from ...breakdown import Breakdown, Component, Phase, PeakJudgement
 from ...errors import GpuMemError
 from ...gpus import GPU, resolve_gpu
@@ -272,15 +273,8 @@ class _Model:
         return tokens * (3 * intermediate + 4 * spec.hidden_size) * 2 + max_num_seqs * spec.vocab_size * 4 * 2
 
     def kv_cache_needed(self) -> int:
-        """KV bytes for one generation batch: ``rows · Σ_layers 2 · kv_heads · head_dim · 2 B · tokens``;
-        sliding-window layers keep at most ``window`` tokens (memory-model.md §2 and §3)."""
-        spec, setup = self.spec, self.setup
-        per_layer_token = 2 * spec.kv_out * 2
-        full_tokens = setup.seq_len
-        sliding_tokens = min(setup.seq_len, spec.sliding_window or setup.seq_len)
-        per_row = per_layer_token * (spec.num_full_attention_layers * full_tokens
-                                     + spec.num_sliding_layers * sliding_tokens)
-        return setup.generation_batch_size * per_row
+        """KV bytes for one generation batch: rows × one sequence's KV cache (ModelSpec.kv_cache_bytes)."""
+        return self.setup.generation_batch_size * self.spec.kv_cache_bytes(self.setup.seq_len)
 
     def _persistent_awake(self, persistent: dict[str, int]) -> dict[str, int]:
         """Outside generation, sleep mode (level 2) frees vLLM's weights and KV cache; graphs, non-torch and
@@ -345,7 +339,6 @@ class _Model:
     # all-linear, QLoRA} × {sdpa, eager} (docs/accuracy.md). The old constant (26h + 8I) was right for Llama
     # and Qwen2 in bf16 only: it missed Qwen3's/Gemma3's q/k norms, Gemma's four norms, the fp32 stream of
     # fp32 weights and the extra input copies LoRA adapters save (Qwen3 bf16: 74.7h measured vs 50h).
-    _GEMMA_NORM_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 
     def _lora_targets(self) -> frozenset:
         return self.lora_targets
@@ -379,7 +372,7 @@ class _Model:
         consuming Linears keep of its output."""
         saved = 4 * features
         if not self.setup.is_lora:
-            saved += (4 if self.spec.model_type in self._GEMMA_NORM_TYPES else x_bytes) * features
+            saved += (4 if architecture(self.spec.model_type).gemma_norms else x_bytes) * features
         if consumers:
             saved += self._linear_inputs_saved(x_bytes, consumers, features)
         return saved
@@ -395,7 +388,7 @@ class _Model:
         inter = self._active_intermediate()
         r = self.residual_bytes
         trained = not setup.is_lora
-        gemma = spec.model_type in self._GEMMA_NORM_TYPES
+        gemma = architecture(spec.model_type).gemma_norms
         adapter_bf16 = setup.load_in_4bit and setup.backend == "trl"
         # autocast Linears emit bf16; bitsandbytes' Linear4bit casts its output back to the input's dtype
         out_bytes = r if setup.load_in_4bit else 2
@@ -667,7 +660,7 @@ class _Model:
                     f"memory utilization ({setup.vllm_gpu_memory_utilization} × {format_gib(total)} = "
                     f"{format_gib(desired)}); lower vllm_gpu_memory_utilization to ≤ {free / total:.2f}")
         kv_cache = persistent.get(_C.VLLM_KV_CACHE, 0)
-        one_sequence = self.kv_cache_needed() // setup.generation_batch_size
+        one_sequence = self.spec.kv_cache_bytes(setup.seq_len)
         if kv_cache < one_sequence:
             self.warnings.append(
                 f"vLLM would refuse to start: its KV cache ({format_gib(kv_cache)}) cannot hold one sequence of "

@@ -35,12 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ...architectures import transformers_architecture
 from ...breakdown import Breakdown, Component, PeakJudgement, Phase
 from ...errors import GpuMemError
 from ...gpus import GPU, resolve_gpu
 from ...models import ModelSpec
 from ...spec import GRPOSetup
 from ...units import format_gib
+from ...versions import installed_version
 
 #: Components a FakeTensor simulation cannot see: non-torch memory, the allocator's reserve, vLLM, HF generate.
 NOT_SIMULATED_COMPONENTS = frozenset({
@@ -52,9 +54,6 @@ NOT_SIMULATED_COMPONENTS = frozenset({
 #: Phases the simulation produces (generation is not simulated: HF generate is data-dependent).
 SIMULATED_PHASES = (Phase.PERSISTENT.value, Phase.SCORING.value, Phase.TRAINING.value, Phase.OPTIMIZER.value)
 
-#: transformers config classes for ModelSpec.model_type values that are not transformers model types.
-_TRANSFORMERS_MODEL_TYPE = {"gemma3": "gemma3_text"}
-_GEMMA_FAMILY = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 #: GRPOConfig defaults the simulated loss uses (trl 1.16: temperature 1.0, epsilon 0.2, max_grad_norm 1.0).
 TEMPERATURE = 1.0
 EPSILON = 0.2
@@ -301,7 +300,8 @@ def hf_config_for(spec: ModelSpec, seq_len: int):
     Qwen3/Gemma3 q/k norms, Phi-3's fused projections)."""
     from transformers import AutoConfig
 
-    model_type = _TRANSFORMERS_MODEL_TYPE.get(spec.model_type, spec.model_type)
+    arch = transformers_architecture(spec.model_type)
+    model_type = arch.model_type
     kwargs: dict[str, Any] = {
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_hidden_layers,
@@ -310,15 +310,15 @@ def hf_config_for(spec: ModelSpec, seq_len: int):
         "max_position_embeddings": max(seq_len + 1, 4096), "use_cache": False,
         "attention_dropout": 0.0,
     }
-    if model_type in ("llama", "mistral", "qwen3", "gemma3_text", "gemma2", "gemma", "olmo2"):
+    if arch.config_takes_attention_bias:
         kwargs["attention_bias"] = bool(spec.qkv_bias or spec.o_proj_bias)
-    if model_type == "llama":
+    if arch.config_takes_mlp_bias:
         kwargs["mlp_bias"] = spec.mlp_bias
-    if model_type in _GEMMA_FAMILY and spec.num_sliding_layers and spec.sliding_window:
+    if arch.sliding_window == "layer_types" and spec.num_sliding_layers and spec.sliding_window:
         sliding = _sliding_pattern(spec)
         kwargs["sliding_window"] = spec.sliding_window
         kwargs["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
-    elif model_type == "mistral":
+    elif arch.sliding_window == "every_layer":
         kwargs["sliding_window"] = spec.sliding_window
     try:
         return AutoConfig.for_model(model_type, **kwargs)
@@ -421,7 +421,7 @@ class _Runner:
         config = LoraConfig(r=setup.lora_rank, lora_alpha=2 * setup.lora_rank, target_modules=targets,
                             lora_dropout=0.0, task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
-        self.assumptions.append(f"LoRA r={setup.lora_rank} on {', '.join(targets)} (PEFT {_version('peft')}, "
+        self.assumptions.append(f"LoRA r={setup.lora_rank} on {', '.join(targets)} (PEFT {installed_version('peft') or '?'}, "
                                 "lora_dropout=0: dropout would save one more input copy per adapted module)")
         if setup.load_in_4bit:
             # trl/trainer/grpo_trainer.py: "When using QLoRA, the PEFT adapter weights are converted to bf16"
@@ -671,7 +671,7 @@ class _Runner:
             from trl.kernels.chunked_logprob import ChunkedLogProbFunction
         except ImportError:
             raise SimulationError("logits", f"the chunked log-prob path is TRL's ChunkedLogProbFunction (trl ≥ 1.16); "
-                                  f"the installed trl is {_version('trl')}",
+                                  f"the installed trl is {installed_version('trl') or '?'}",
                                   fix="install trl>=1.16, or simulate logits='materialized'") from None
         try:
             from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk_size
@@ -1096,15 +1096,6 @@ def _register_fake_flash_attention() -> str:
     AttentionInterface.register(_FLASH_NAME, fake_flash_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_FLASH_NAME, padding_mask_2d)
     return _FLASH_NAME
-
-
-def _version(package: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(package)
-    except Exception:  # noqa: BLE001
-        return "?"
 
 
 # -- command line ------------------------------------------------------------------------------------
