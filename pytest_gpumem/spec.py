@@ -1,7 +1,7 @@
 """What is trained: :class:`GRPOSetup`, with TRL's ``GRPOConfig`` names so users can paste their config.
 
 Defaults are the backend's own (TRL's ``GRPOConfig`` for ``"trl"``, Unsloth's for ``"unsloth"``) and are
-written once, in :data:`BACKEND_DEFAULTS`. A setup always holds concrete values after construction;
+written once, on each :class:`~pytest_gpumem.backends.Backend` profile. A setup always holds concrete values after construction;
 ``explicit_fields`` remembers which ones the user gave, so the estimate can say what it assumed.
 """
 
@@ -14,17 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .architectures import architecture
+from .backends import BACKENDS, FIRST_CHUNKED_TRL, NEWEST_MODELLED_TRL, Backend
 from .errors import SetupError
 from .models import ModelSpec, resolve_model
 from .versions import installed_version_once, parse_version
 
-#: The newest TRL version whose memory behaviour is modelled (its GRPO log-prob path).
-NEWEST_MODELLED_TRL = "1.16.0"
-#: First TRL release whose GRPOTrainer computes log-probs with the fused/chunked lm_head
-#: (``trl/kernels/chunked_logprob.py``, ``add_fused_lm_head``); earlier ones materialise (b, C+1, V) logits.
-FIRST_CHUNKED_TRL = (1, 16)
-
-BACKENDS = ("trl", "unsloth")
 LOGITS_MODES = ("materialized", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
 VLLM_MODES = ("colocate", "server")
@@ -42,61 +36,6 @@ OPTIMIZERS = {
     "adafactor": (0, 0),  # factored second moment: O(rows + cols), modelled as negligible
 }
 
-# The backends' own defaults. TRL: GRPOConfig / TrainingArguments of trl 1.16; Unsloth: GRPOConfig
-# patches, FastLanguageModel.from_pretrained and get_peft_model defaults (shared/docs/memory-model.md §2, §3.2).
-BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "trl": {
-        "dtype": "float32",  # a model given by name loads in fp32 unless model_init_kwargs sets dtype
-        "load_in_4bit": False,
-        "lora_rank": None,  # full fine-tuning unless a peft_config is passed
-        "lora_target_modules": None,  # -> PEFT's default for the architecture (see resolve_target_modules)
-        "per_device_train_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "steps_per_generation": None,  # -> gradient_accumulation_steps
-        "num_iterations": 1,
-        "num_generations": 8,
-        "max_prompt_length": 512,  # removed from TRL 0.28 (prompts untruncated): 512 is the old default
-        "max_completion_length": 512,
-        "max_seq_length": None,
-        "gradient_checkpointing": True,
-        "optim": "adamw_torch_fused",
-        "beta": 0.0,
-        "use_vllm": False,
-        "vllm_mode": "colocate",
-        "vllm_gpu_memory_utilization": 0.3,
-        "vllm_enable_sleep_mode": False,
-        "vllm_importance_sampling_correction": True,
-        "attn_implementation": "sdpa",
-        "use_liger_kernel": False,
-        "cast_lm_head_to_fp32": False,
-    },
-    "unsloth": {
-        "dtype": "bfloat16",
-        "load_in_4bit": True,
-        "lora_rank": 16,
-        "lora_target_modules": "all-linear",
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "steps_per_generation": None,
-        "num_iterations": 1,
-        "num_generations": 8,
-        "max_prompt_length": 512,
-        "max_completion_length": 512,
-        "max_seq_length": None,
-        "gradient_checkpointing": "unsloth",
-        "optim": "adamw_8bit",
-        "beta": 0.001,
-        "use_vllm": True,  # fast_inference=True
-        "vllm_mode": "colocate",
-        "vllm_gpu_memory_utilization": 0.5,
-        "vllm_enable_sleep_mode": False,
-        "vllm_importance_sampling_correction": True,
-        "attn_implementation": "sdpa",
-        "use_liger_kernel": False,
-        "cast_lm_head_to_fp32": False,
-    },
-}
-
 #: Keys accepted as other spellings of a field.
 ALIASES = {"gpu_memory_utilization": "vllm_gpu_memory_utilization", "torch_dtype": "dtype",
            "r": "lora_rank", "target_modules": "lora_target_modules", "fast_inference": "use_vllm"}
@@ -106,7 +45,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass(frozen=True)
 class GRPOSetup:
-    """A GRPO training setup on one GPU. Only ``model`` is required; see :data:`BACKEND_DEFAULTS`."""
+    """A GRPO training setup on one GPU. Only ``model`` is required; see :data:`pytest_gpumem.backends.BACKENDS`."""
 
     model: Any
     backend: str = "trl"
@@ -278,6 +217,11 @@ class GRPOSetup:
         return tuple(passes)
 
     @property
+    def backend_profile(self) -> Backend:
+        """The :class:`~pytest_gpumem.backends.Backend` whose defaults and traits apply."""
+        return BACKENDS[self.backend]
+
+    @property
     def is_lora(self) -> bool:
         return self.lora_rank is not None
 
@@ -354,14 +298,15 @@ def _require_bool(setup: GRPOSetup, name: str) -> None:
 
 def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear list of TRL's rules
     notes: list[str] = list(setup.resolution_notes)
-    _require_choice(setup, "backend", BACKENDS)
+    _require_choice(setup, "backend", tuple(BACKENDS))
     if setup.model is None or setup.model == "":
         raise SetupError("model", "the setup has no model", fix="add model='Qwen/Qwen2.5-0.5B'")
     if not setup.explicit_fields:
         _set(setup, "explicit_fields", frozenset(f.name for f in fields(setup)
                                                  if f.name not in ("explicit_fields", "resolution_notes")
                                                  and getattr(setup, f.name) is not None))
-    defaults = BACKEND_DEFAULTS[setup.backend]
+    backend = BACKENDS[setup.backend]
+    defaults = backend.defaults
     for name, default in defaults.items():
         # an explicit null means "the default", except for lora_rank where null means full fine-tuning
         if getattr(setup, name) is None and not (name == "lora_rank" and name in setup.explicit_fields):
@@ -375,7 +320,7 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
     if not isinstance(setup.trl_version, str) or parse_version(setup.trl_version) == (0,):
         raise SetupError("trl_version", f"cannot read {setup.trl_version!r} as a version", fix="e.g. '1.16.0'")
     if setup.logits is None:
-        chunked = parse_version(setup.trl_version)[:2] >= FIRST_CHUNKED_TRL and setup.backend == "trl"
+        chunked = backend.logits_follow_trl_version and parse_version(setup.trl_version)[:2] >= FIRST_CHUNKED_TRL
         _set(setup, "logits", "chunked" if chunked else "materialized")
     _require_choice(setup, "logits", LOGITS_MODES)
     if isinstance(setup.dtype, str):
@@ -410,7 +355,7 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
     _require_int(setup, "steps_per_generation", 1, "use steps_per_generation ≥ 1 (default: gradient_accumulation_steps)")
     _require_int(setup, "num_generations", 2, "GRPO needs at least 2 completions per prompt to compute "
                                               "advantages: set num_generations ≥ 2")
-    if setup.backend == "unsloth":
+    if backend.resets_indivisible_batch:
         b, g, ga = setup.per_device_train_batch_size, setup.num_generations, setup.gradient_accumulation_steps
         if (ga * b) % g != 0:
             # Unsloth silently resets the batch instead of raising (memory-model.md §2)
@@ -461,7 +406,7 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
     if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
         raise SetupError("vllm_gpu_memory_utilization", f"must be a fraction in (0, 1], got {util!r}",
                          fix="e.g. 0.3 (TRL's default for colocate mode)")
-    if setup.use_vllm and setup.backend == "unsloth" and setup.vllm_mode == "server":
+    if setup.use_vllm and setup.vllm_mode == "server" and not backend.vllm.server_mode:
         raise SetupError("vllm_mode", "Unsloth runs vLLM in-process (fast_inference); server mode is TRL's",
                          fix="use vllm_mode='colocate' with backend='unsloth'")
 

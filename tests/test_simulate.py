@@ -16,7 +16,8 @@ pytest.importorskip("trl", reason="the simulation needs trl")
 from pytest_gpumem.breakdown import Breakdown  # noqa: E402
 from pytest_gpumem.cli import main  # noqa: E402
 from pytest_gpumem.errors import GpuMemError  # noqa: E402
-from pytest_gpumem.predict.analytic import NF4_BYTES_PER_PARAM, estimate  # noqa: E402
+from pytest_gpumem.predict.analytic import estimate  # noqa: E402
+from pytest_gpumem.predict.analytic.constants import NF4_BYTES_PER_PARAM  # noqa: E402
 from pytest_gpumem.predict.faketensor import (NOT_SIMULATED_COMPONENTS, SimulationError, comparable_total,  # noqa: E402
                                     reduced_config, run_simulation, simulate)
 from pytest_gpumem.spec import GRPOSetup  # noqa: E402

@@ -34,8 +34,6 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_from_args(args: argparse.Namespace) -> GRPOSetup:
-    from ..predict.analytic import load_setup_arg
-
     data: dict = {}
     if args.setup:
         base = load_setup_arg(args.setup)
@@ -56,6 +54,16 @@ def setup_from_args(args: argparse.Namespace) -> GRPOSetup:
         raise GpuMemError("--setup", "no setup given", fix="pass --setup FILE or at least --model NAME")
     del known
     return GRPOSetup.from_dict(data)
+
+
+def load_setup_arg(value: str) -> GRPOSetup:
+    """``--setup`` accepts a file path or inline JSON."""
+    if value.lstrip().startswith("{"):
+        try:
+            return GRPOSetup.from_dict(json.loads(value))
+        except json.JSONDecodeError as exc:
+            raise GpuMemError("--setup", f"inline JSON is invalid: {exc}", fix="quote the JSON or use a file") from None
+    return GRPOSetup.from_file(value)
 
 
 def _parse_value(name: str, value):

@@ -629,7 +629,8 @@ def min_vllm_utilization(setup: Any, total_bytes: int, result: Any = None) -> fl
     (Unsloth scales by the memory free when vLLM starts: total − CUDA context). None without colocated vLLM.
     ``result``: an estimate of ``setup`` at any utilisation (the fixed parts do not depend on it)."""
     from ..breakdown import Component
-    from ..predict.analytic import CUDA_CONTEXT_BYTES, estimate
+    from ..predict.analytic import estimate
+    from ..predict.analytic.constants import CUDA_CONTEXT_BYTES
 
     if not (setup.use_vllm and setup.vllm_mode == "colocate"):
         return None
@@ -1107,7 +1108,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..predict.analytic import load_setup_arg
+    from ..cli.estimate import load_setup_arg
 
     if args.file == "-":
         text = sys.stdin.read()
