@@ -207,14 +207,14 @@ def test_unsupported_setups_raise_gpumem_errors(changes, field):
 def test_a_failure_inside_the_trace_is_a_simulation_error_and_cleans_up(monkeypatch):
     from trl.kernels import chunked_logprob
 
-    from pytest_gpumem.predict import faketensor as simulate_module
+    from pytest_gpumem.predict.faketensor import step as step_module
 
     original_tile = chunked_logprob._forward_tile
 
     def boom(self, policy, batch):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(simulate_module._Runner, "_training_micro_step", boom)
+    monkeypatch.setattr(step_module, "training_micro_step", boom)
     with pytest.raises(SimulationError, match="training micro-step: RuntimeError: kaboom"):
         simulate(_setup())
     # the Triton stand-ins and the global module hooks are gone again

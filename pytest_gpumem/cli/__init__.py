@@ -14,7 +14,7 @@ from ..versions import PACKAGE_VERSION
 COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("pytest_gpumem.cli.estimate", "predict the GPU memory of a GRPO setup, phase by phase"),
     "models": ("pytest_gpumem.cli.models", "list the built-in model registry"),
-    "simulate": ("pytest_gpumem.predict.faketensor", "trace the real architecture's GRPO step on CPU (FakeTensorMode), phase by phase"),
+    "simulate": ("pytest_gpumem.cli.simulate", "trace the real architecture's GRPO step on CPU (FakeTensorMode), phase by phase"),
     "run": ("pytest_gpumem.cli.run", "measure a setup for real: N GRPO steps in a fresh process (GPU or CPU)"),
     "validate": ("pytest_gpumem.compare.validation", "measure a matrix of setups on this GPU and write validation/<gpu>-<date>.json"),
     "explain": ("pytest_gpumem.diagnose.explain", "explain a CUDA OOM / vLLM refusal: figures, phase, tensor, ranked levers"),
