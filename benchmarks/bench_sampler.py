@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pytest_gpumem.measure.snapshot import NvmlSampler, nvml, nvml_handle  # noqa: E402
+from pytest_gpumem.measure.nvml import nvml, nvml_handle  # noqa: E402
+from pytest_gpumem.measure.sampler import NvmlSampler  # noqa: E402
 
 GOAL = 0.02
 

@@ -44,6 +44,8 @@ class Backend:
     """One training backend: its defaults and what it does differently (every trait named for its effect)."""
 
     name: str
+    #: the name as printed in messages
+    label: str
     #: the backend's default for every setup key (a setup holds concrete values after construction)
     defaults: Mapping[str, Any] = field(repr=False)
     #: whose default LoRA targets apply when none are given ("PEFT" for TRL's peft_config)
@@ -77,7 +79,7 @@ class Backend:
 
 
 TRL = Backend(
-    name="trl", lora_defaults_from="PEFT", logits_follow_trl_version=True, loads_by_name_in_fp32=True,
+    name="trl", label="TRL", lora_defaults_from="PEFT", logits_follow_trl_version=True, loads_by_name_in_fp32=True,
     adapters_bf16_on_4bit_base=True, liger_kernel=True, simulated=True,
     vllm=VllmIntegration(policy_loaded_first=True),
     defaults={
@@ -107,7 +109,7 @@ TRL = Backend(
     })
 
 UNSLOTH = Backend(
-    name="unsloth", lora_defaults_from="Unsloth", model_head_logprobs=False, nf4_double_quant=True,
+    name="unsloth", label="Unsloth", lora_defaults_from="Unsloth", model_head_logprobs=False, nf4_double_quant=True,
     vllm=VllmIntegration(budget_excludes_context=True, shares_weights=True, server_mode=False),
     resets_indivisible_batch=True, offloaded_checkpointing=True, package="unsloth", needs_cuda=True,
     defaults={

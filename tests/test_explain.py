@@ -10,8 +10,9 @@ import pytest
 
 from pytest_gpumem import GpuMemError, GRPOSetup, estimate
 from pytest_gpumem.cli import main
-from pytest_gpumem.diagnose.explain import (CORE_FIELDS, diagnose, detect_phase, levers_for, match_tensor, parse, parse_frames,
-                                   parse_oom, rank_levers)
+from pytest_gpumem.diagnose.explain import diagnose, match_tensor
+from pytest_gpumem.diagnose.levers import levers_for, rank_levers
+from pytest_gpumem.measure.oom_message import CORE_FIELDS, detect_phase, parse, parse_frames, parse_oom
 from pytest_gpumem.units import GIB, MIB
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "oom-messages.json").read_text(encoding="utf-8"))

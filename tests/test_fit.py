@@ -10,9 +10,9 @@ import pytest
 from pytest_gpumem import GpuMemError, GRPOSetup, estimate
 from pytest_gpumem.cli import main
 from pytest_gpumem.errors import SetupError
-from pytest_gpumem.diagnose.explain import min_vllm_utilization
-from pytest_gpumem.diagnose.fit import (DIMENSIONS, QUALITY_ORDER, TABLE_SIZES_GIB, _Search, build_setup, dimensions, fit,
-                               space_size, table)
+from pytest_gpumem.diagnose.fit import DIMENSIONS, QUALITY_ORDER, _Search, build_setup, dimensions, fit, space_size
+from pytest_gpumem.diagnose.levers import min_vllm_utilization
+from pytest_gpumem.diagnose.table import TABLE_SIZES_GIB, table
 from pytest_gpumem.gpus import resolve_gpu
 
 CASES = [

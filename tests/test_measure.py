@@ -14,9 +14,11 @@ import types
 
 import pytest
 
-from pytest_gpumem.measure import snapshot as measure
-from pytest_gpumem.measure.snapshot import (MemorySnapshot, NvmlSampler, PhaseTracker, RssSampler, Sampler,
-                                   memory_profiling, nvml, nvml_handle, visible_device_entries)
+from pytest_gpumem.measure import nvml as measure
+from pytest_gpumem.measure.nvml import nvml, nvml_handle, visible_device_entries
+from pytest_gpumem.measure.profiling import memory_profiling
+from pytest_gpumem.measure.sampler import NvmlSampler, PhaseTracker, RssSampler, Sampler
+from pytest_gpumem.measure.snapshot import MemorySnapshot
 from pytest_gpumem.units import GIB, MIB
 
 

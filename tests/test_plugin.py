@@ -410,8 +410,8 @@ def test_gpu_memory_measurement_is_judged(pytester, monkeypatch):
 
     # the modules as sys.modules holds them: pytester's in-process runs drop modules first imported inside
     # them, which can leave a stale module object on the package attribute (pytest_gpumem.measure)
-    monkeypatch.setattr(importlib.import_module("pytest_gpumem.plugin.fixtures"), "cuda_available", lambda: True)
-    monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure.snapshot"), "memory_profiling", fake_profiling)
+    monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure.device"), "cuda_available", lambda: True)
+    monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure.profiling"), "memory_profiling", fake_profiling)
     write(pytester, """
         import pytest
         @pytest.mark.gpu_budget(gib=4)

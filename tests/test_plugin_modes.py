@@ -243,7 +243,7 @@ def test_auto_measures_on_a_cuda_machine(pytester, monkeypatch):
     pytester.makepyfile(fake_runner=FAKE_RUNNER)
     pytester.syspathinsert()
     monkeypatch.setattr(plugin, "RUNNER_MODULE", "fake_runner")
-    monkeypatch.setattr(importlib.import_module("pytest_gpumem.plugin.fixtures"), "cuda_available", lambda: True)
+    monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure.device"), "cuda_available", lambda: True)
     write(pytester)
     result = pytester.runpytest("--gpu-budget", "--gpu-budget-default=40 GB", *FAST)
     result.stdout.fnmatch_lines(["gpumem: mode=measure (auto: a CUDA device is present, so measure)*"])

@@ -17,8 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("pytest_gpumem.cli.simulate", "trace the real architecture's GRPO step on CPU (FakeTensorMode), phase by phase"),
     "run": ("pytest_gpumem.cli.run", "measure a setup for real: N GRPO steps in a fresh process (GPU or CPU)"),
     "validate": ("pytest_gpumem.compare.validation", "measure a matrix of setups on this GPU and write validation/<gpu>-<date>.json"),
-    "explain": ("pytest_gpumem.diagnose.explain", "explain a CUDA OOM / vLLM refusal: figures, phase, tensor, ranked levers"),
-    "fit": ("pytest_gpumem.diagnose.fit", "find the best setup that fits a GPU, keeping completions per optimizer step"),
+    "explain": ("pytest_gpumem.cli.explain", "explain a CUDA OOM / vLLM refusal: figures, phase, tensor, ranked levers"),
+    "fit": ("pytest_gpumem.cli.fit", "find the best setup that fits a GPU, keeping completions per optimizer step"),
     "table": ("pytest_gpumem.cli.table", "quick-reference table of recommended setups by GPU size (Markdown)"),
 }
 

@@ -10,7 +10,10 @@ import argparse
 import json
 import sys
 
-from ..measure.runner import DEFAULT_TIMEOUT_S, DEVICES, format_result, run as run_setup
+from ..measure.protocol import DEVICES
+from ..measure.runner import DEFAULT_TIMEOUT_S
+from ..measure.runner import run as run_setup
+from ..report.text import format_result
 from ..spec import GRPOSetup
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ..errors import GpuMemError
-from ..diagnose.fit import DEFAULT_KEEP, TABLE_SIZES_GIB, table
+from ..diagnose.fit import DEFAULT_KEEP
+from ..diagnose.table import TABLE_SIZES_GIB, table
+from .estimate import add_setup_arguments, setup_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .estimate import add_setup_arguments
-
     add_setup_arguments(parser)  # --model NAME [--backend trl|unsloth] and every other setup key
     parser.add_argument("--sizes", default=",".join(f"{s:g}" for s in TABLE_SIZES_GIB),
                         help="GPU sizes in GiB, comma-separated (default: %(default)s)")
@@ -31,8 +31,6 @@ def _sizes(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .estimate import setup_from_args
-
     setup = setup_from_args(args)
     print(table(setup, _sizes(args.sizes), headroom=args.headroom, keep=DEFAULT_KEEP))
     return 0

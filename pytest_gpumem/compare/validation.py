@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import GpuMemError
 from ..gpus import resolve_gpu
-from ..measure.snapshot import nvml, nvml_handle, nvml_memory
+from ..measure.nvml import nvml, nvml_handle, nvml_memory
 from ..spec import GRPOSetup
 from ..measure.child.tiny import TINY_QWEN2_CONFIG
 from ..units import GIB, format_gib

@@ -1,4 +1,5 @@
-"""Fit a GRPO setup to a GPU: search the levers of :mod:`pytest_gpumem.explain` for the best setup that fits.
+"""Fit a GRPO setup to a GPU: search the levers of :mod:`pytest_gpumem.diagnose.levers` for the best setup
+that fits.
 
 The search space is the product of one list of options per *dimension*. Each list starts at the input's value
 and moves only towards saving memory — fit pulls levers, it never spends memory the input did not ask for
@@ -24,16 +25,15 @@ whole product (``benchmarks/bench_fit.py``).
 from __future__ import annotations
 
 import itertools
-import json
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from ..errors import GpuMemError, SetupError
-from .explain import min_vllm_utilization
+from ..gpus import resolve_gpu
+from ..predict.analytic import estimate
 from ..spec import GRPOSetup
-from ..units import format_gib
+from .levers import min_vllm_utilization
 
 #: The dimensions, most important first, with why (what each costs when moved off the input's value).
 QUALITY_ORDER: tuple[tuple[str, str], ...] = (
@@ -61,7 +61,6 @@ COMPLETION_FRACTIONS = (1, 7 / 8, 3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4)
 UTILIZATION_STEP = 0.05
 #: the vLLM utilisation option "as low as vLLM still starts" (resolved per candidate)
 FLOOR = "floor"
-TABLE_SIZES_GIB = (8, 12, 16, 24, 40, 48, 80, 141)
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,8 @@ def dimensions(setup: Any, gpu: Any, keep: Iterable[str] = DEFAULT_KEEP) -> list
     else:
         dims["capacity"] = (None,) + LORA_RANKS_FROM_FULL
     dims["load_in_4bit"] = (s.load_in_4bit,) if s.load_in_4bit else (False, True)
-    dims["dtype"] = (s.dtype, "bfloat16") if s.backend == "trl" and s.dtype == "float32" else (s.dtype,)
+    dims["dtype"] = ((s.dtype, "bfloat16") if s.backend_profile.loads_by_name_in_fp32 and s.dtype == "float32"
+                     else (s.dtype,))
     eight_bit = ("adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit", "sgd", "adafactor")
     dims["optim"] = (s.optim,) if s.optim in eight_bit else (s.optim, "adamw_8bit")
     b, ga = s.per_device_train_batch_size, s.gradient_accumulation_steps
@@ -196,7 +196,7 @@ def dimensions(setup: Any, gpu: Any, keep: Iterable[str] = DEFAULT_KEEP) -> list
     if EFFECTIVE_BATCH not in keep:
         batches += [(b // 2 ** k, ga) for k in range(1, len(_halvings(b)))]
     dims["batch"] = tuple(batches)
-    if s.backend == "unsloth" and s.gradient_checkpointing is True:
+    if s.backend_profile.offloaded_checkpointing and s.gradient_checkpointing is True:
         dims["gradient_checkpointing"] = (True, "unsloth")
     elif not s.gradient_checkpointing:
         dims["gradient_checkpointing"] = (False, True)
@@ -216,7 +216,7 @@ def dimensions(setup: Any, gpu: Any, keep: Iterable[str] = DEFAULT_KEEP) -> list
             step += 1
         utils.append(FLOOR)
     dims["vllm_gpu_memory_utilization"] = tuple(utils)
-    liger = s.backend == "trl" and s.logits == "materialized" and not s.use_liger_kernel
+    liger = s.backend_profile.liger_kernel and s.logits == "materialized" and not s.use_liger_kernel
     dims["use_liger_kernel"] = (s.use_liger_kernel, True) if liger else (s.use_liger_kernel,)
     dims["fused_optimizer"] = (False, True) if s.optim in ("adamw_torch", "adamw_hf") else (False,)
 
@@ -318,8 +318,6 @@ class _Search:
         self.estimates = 0
 
     def _estimate(self, setup: Any) -> Any:
-        from ..predict.analytic import estimate
-
         self.estimates += 1
         return estimate(setup, self.gpu)
 
@@ -440,8 +438,6 @@ def fit(setup: Any, gpu: Any, headroom: float = 0.1, keep: Iterable[str] = DEFAU
     (:data:`DIMENSIONS`, ``lora_rank``, ``per_device_train_batch_size``) that must not change, plus
     ``"completions_per_optimizer_step"`` (the default) to keep ``b × gradient_accumulation_steps``.
     Alternatives: for each quality dimension the best result changed, the best setup that keeps it."""
-    from ..gpus import resolve_gpu
-
     started = time.perf_counter()
     base = GRPOSetup.coerce(setup)
     gpu = resolve_gpu(gpu)
@@ -466,121 +462,3 @@ def fit(setup: Any, gpu: Any, headroom: float = 0.1, keep: Iterable[str] = DEFAU
                 found_alternatives.append((dim.name, other))
     return FitResult(base, gpu, float(headroom), best, closest, tuple(found_alternatives), space_size(dims),
                      search.estimates, time.perf_counter() - started, keep)
-
-
-# -- the quick-reference table --------------------------------------------------------------------------
-def _training_label(setup: Any) -> str:
-    if not setup.is_lora:
-        return f"full ({'fp32' if setup.dtype == 'float32' else 'bf16' if setup.dtype == 'bfloat16' else 'fp16'})"
-    return f"{'QLoRA' if setup.load_in_4bit else 'LoRA'} r={setup.lora_rank}"
-
-
-def _logprobs_label(setup: Any) -> str:
-    if setup.backend == "unsloth":
-        return "Unsloth chunks"
-    if setup.use_liger_kernel:
-        return "Liger"
-    return "chunked" if setup.logits == "chunked" else "full logits"
-
-
-def _vllm_label(setup: Any) -> str:
-    if not setup.use_vllm:
-        return "no (HF generate)"
-    if setup.vllm_mode == "server":
-        return "server"
-    return f"{setup.vllm_gpu_memory_utilization:g}" + (" + sleep" if setup.vllm_enable_sleep_mode else "")
-
-
-def table(setup: Any, sizes_gib: Iterable[float] = TABLE_SIZES_GIB, headroom: float = 0.1,
-          keep: Iterable[str] = DEFAULT_KEEP) -> str:
-    """A Markdown table of :func:`fit` results for ``setup`` on GPUs of ``sizes_gib`` (torch-reported GiB)."""
-
-    base = GRPOSetup.coerce(setup)
-    header = ("| GPU | training | b × GA | G | completion | optimizer | checkpointing | log-probs | vLLM | "
-              "predicted peak |")
-    rows = [header, "|" + "---|" * 10]
-    for size in sizes_gib:
-        result = fit(base, f"{size}GiB", headroom=headroom, keep=keep, alternatives=False)
-        label = f"{size:g} GiB"
-        if not result.fits:
-            short = result.closest.peak_bytes - result.budget_bytes
-            rows.append(f"| {label} | does not fit (short by {format_gib(short)} even with every lever) "
-                        + "| " * 8 + "|")
-            continue
-        s = result.setup
-        checkpointing = {True: "on", False: "off", "unsloth": "offloaded"}[s.gradient_checkpointing]
-        rows.append(f"| {label} | {_training_label(s)} | {s.per_device_train_batch_size} × "
-                    f"{s.gradient_accumulation_steps} | {s.num_generations} | {s.max_completion_length} | {s.optim} | "
-                    f"{checkpointing} | {_logprobs_label(s)} | {_vllm_label(s)} | {format_gib(result.peak_bytes)} |")
-    spec = base.model_spec
-    notes = (f"\n{spec.name} ({spec.num_params / 1e9:.2f}B), backend {base.backend}, prompt ≤ {base.max_prompt_length} "
-             f"tokens; input: {_training_label(base)}, b × GA = {base.per_device_train_batch_size} × "
-             f"{base.gradient_accumulation_steps}, G = {base.num_generations}, completion {base.max_completion_length}. "
-             f"Sizes are the totals torch reports; each row fits with {headroom:.0%} headroom, keeps "
-             f"{base.completions_per_optimizer_step} completions per optimizer step, and is the best by "
-             "`gpumem fit`'s order (completion length, group size, capacity, precision, optimizer, speed).")
-    return "\n".join(rows) + "\n" + notes
-
-
-# -- CLI --------------------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    from ..cli.estimate import add_setup_arguments
-
-    add_setup_arguments(parser)
-    parser.add_argument("--gpu", required=True, help="card name (L4, A100-80GB, H100, ...) or size (24GiB, 80GB)")
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of the GPU kept free (default 0.1)")
-    parser.add_argument("--keep", action="append", default=None, metavar="NAME",
-                        help=f"a dimension that must not change ({', '.join(DIMENSIONS)}, lora_rank); repeatable")
-    parser.add_argument("--allow-batch-change", action="store_true",
-                        help="allow fewer completions per optimizer step (default: b × GA is kept)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-
-
-def _keep_from_args(args) -> tuple:
-    keep = list(args.keep or [])
-    if not args.allow_batch_change:
-        keep.append(EFFECTIVE_BATCH)
-    return tuple(keep)
-
-
-def run(args) -> int:
-    from ..cli.estimate import setup_from_args
-
-    setup = setup_from_args(args)
-    result = fit(setup, args.gpu, headroom=args.headroom, keep=_keep_from_args(args))
-    if args.json:
-        json.dump(result.to_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0 if result.fits else 1
-    gpu = result.gpu
-    budget = f"{format_gib(result.budget_bytes)} = {format_gib(gpu.total_bytes)} − {result.headroom:.0%} headroom"
-    if not result.fits:
-        closest = result.closest
-        print(f"nothing in the lever space fits {gpu.name} ({budget}): the most-saving setup still peaks at "
-              f"{format_gib(closest.peak_bytes)} ({closest.estimate.peak_phase} phase)")
-        for change in result.changes(closest):
-            print(f"  {change['field']}: {_fmt(change['from'])} → {_fmt(change['to'])}")
-        return 1
-    print(f"fits {gpu.name} ({budget}): predicted peak {format_gib(result.peak_bytes)} "
-          f"in the {result.best.estimate.peak_phase} phase")
-    changes = result.changes()
-    if changes:
-        print("changes:")
-        for change in changes:
-            note = f" ({change['note']})" if change.get("note") else ""
-            print(f"  {change['field']}: {_fmt(change['from'])} → {_fmt(change['to'])}{note}")
-    else:
-        print("no change needed")
-    labels = {"batch": "per_device_train_batch_size", "capacity": "full fine-tuning / LoRA rank"}
-    for keeps, candidate in result.alternatives:
-        keeps = labels.get(keeps, keeps)
-        listed = ", ".join(f"{c['field']} → {_fmt(c['to'])}" for c in result.changes(candidate))
-        print(f"alternative keeping {keeps}: {listed or 'no change'} (peak {format_gib(candidate.peak_bytes)})")
-    print(f"searched {result.space_size} candidates, estimated {result.evaluated} in {result.seconds * 1000:.0f} ms")
-    return 0
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return "null" if value is None else str(value)

@@ -33,6 +33,7 @@ import pytest
 
 from . import marker as marks
 from ..errors import GpuMemError
+from ..measure import device
 from .fixtures import gpu_memory, grpo_step  # noqa: F401 - registers the fixtures with pytest
 from .options import ini_bool, ini_value
 from ..units import format_gib
@@ -116,9 +117,7 @@ def resolve_mode(config: pytest.Config) -> tuple[str | None, str]:
                                 "--gpu-budget=estimate")
     if requested != "auto":
         return requested, f"{source}={requested}"
-    from .fixtures import cuda_available
-
-    if not cuda_available():
+    if not device.cuda_available():
         return "estimate", "auto: no CUDA device, so estimate"
     if not runner_ok:
         return "estimate", f"auto: a CUDA device is present but {RUNNER_MODULE} is not installed, so estimate"
@@ -337,9 +336,7 @@ class Manager:
 
     def device_gpu(self) -> Any:
         if self._device_gpu is None:
-            from .fixtures import device_gpu
-
-            self._device_gpu = device_gpu()
+            self._device_gpu = device.device_gpu()
         return self._device_gpu
 
     def make_record(self, item: pytest.Item, state: TestState) -> dict:
@@ -374,7 +371,7 @@ class Manager:
         if step is None or importlib.util.find_spec("pytest_gpumem.diagnose.explain") is None:
             return []
         try:
-            from ..diagnose.explain import levers_for
+            from ..diagnose.levers import levers_for
 
             levers = levers_for(step.estimate, budget_bytes=state.spec.budget_bytes, n=3)
             return [lever.line() for lever in levers]
@@ -585,5 +582,5 @@ def write_json_report(records: list[dict], manager: Manager) -> str:
     path = Path(manager.json_path)
     if not path.is_absolute():
         path = Path(config.invocation_params.dir) / path
-    jsonreport.write(path, jsonreport.build(records, session))
+    jsonreport.write(path, jsonreport.build(records, session, device.environment()))
     return f"gpu budget JSON report: {path}"

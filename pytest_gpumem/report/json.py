@@ -19,54 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import socket
-import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..versions import installed_versions
-
 SCHEMA = "pytest-gpumem-report"
 SCHEMA_VERSION = 1
 VERDICTS = ("passed", "failed", "error", "xfailed", "skipped")
-#: packages whose versions change GPU memory, reported without importing them (importlib.metadata)
-PACKAGES = ("pytest-gpumem", "pytest", "torch", "transformers", "trl", "peft", "accelerate", "vllm", "unsloth",
-            "bitsandbytes", "liger-kernel", "nvidia-ml-py")
-
-
-def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
-    return installed_versions(names)
-
-
-def visible_gpus() -> tuple[list[dict[str, Any]], str | None]:
-    """The devices NVML sees (name, total), or ``([], why not)`` — never imports torch."""
-    from ..measure.snapshot import nvml, nvml_device_count, nvml_memory
-
-    count, reason = nvml_device_count()
-    if not count:
-        return [], reason or "NVML sees no device"
-    module, _ = nvml()
-    gpus = []
-    for index in range(count):
-        try:
-            handle = module.nvmlDeviceGetHandleByIndex(index)
-            name = module.nvmlDeviceGetName(handle)
-            info, _ = nvml_memory(handle)
-        except Exception as exc:  # one unreadable device must not lose the report
-            gpus.append({"index": index, "name": None, "total_bytes": None, "error": str(exc)})
-            continue
-        gpus.append({"index": index, "name": name.decode() if isinstance(name, bytes) else str(name),
-                     "total_bytes": info["total"] if info else None})
-    return gpus, None
-
-
-def environment() -> dict[str, Any]:
-    gpus, reason = visible_gpus()
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "hostname": socket.gethostname(),
-            "packages": package_versions(), "gpus": gpus, "gpus_reason": reason}
 
 
 def summary(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -78,11 +38,12 @@ def summary(records: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def build(records: Iterable[Mapping[str, Any]], session: Mapping[str, Any],
-          env: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          env: Mapping[str, Any]) -> dict[str, Any]:
+    """The report document: the session, the environment (``measure.device.environment()``), the counts and the
+    per-test records."""
     records = [dict(r) for r in records]
-    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "session": dict(session),
-            "environment": dict(env) if env is not None else environment(), "summary": summary(records),
-            "tests": records}
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "session": dict(session), "environment": dict(env),
+            "summary": summary(records), "tests": records}
 
 
 def write(path: str | os.PathLike, document: Mapping[str, Any]) -> Path:
