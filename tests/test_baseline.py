@@ -139,7 +139,7 @@ def test_record_from_estimate_result_gates_on_the_predicted_peak():
 
 
 def test_record_from_measure_result_gates_on_the_nvml_peak_like_the_budget_check():
-    from pytest_gpumem.plugin.marker import judged_peak
+    from pytest_gpumem.record import judged_peak
 
     result = measure_result(14 * GIB)
     record = record_from_result(result, versions=VERSIONS)

@@ -380,7 +380,7 @@ def test_a_reward_model_inside_generate_and_score_is_scoring():
 def test_a_measured_oom_fails_with_its_explanation():
     """Issue 7, in the plugin: a measured step that OOMs fails its test with the shortfall and the phase (the
     levers follow in the failure text)."""
-    from pytest_gpumem.plugin.marker import check_run_completed
+    from pytest_gpumem.compare.checks import check_run_completed
 
     text = next(m["text"] for m in FIXTURES if m["id"] == "torch-oom-018")
     record = {"budget_text": "40 GB = 37.25 GiB",

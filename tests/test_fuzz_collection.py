@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from pytest_gpumem import estimate
 from pytest_gpumem.errors import GpuMemError
-from pytest_gpumem.plugin.marker import BudgetSpec, describe_error, spec_from_marker
+from pytest_gpumem.plugin.marker import describe_error, spec_from_marker
+from pytest_gpumem.record import BudgetSpec
 from pytest_gpumem.spec import ALIASES, GRPOSetup
 
 FAST = ("-p", "no:cacheprovider", "-p", "no:unraisableexception", "-p", "no:hypothesispytest", "-p", "no:benchmark",

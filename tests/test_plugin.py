@@ -17,8 +17,9 @@ import pytest
 
 from pytest_gpumem import estimate
 from pytest_gpumem.gpus import resolve_gpu
-from pytest_gpumem.plugin.marker import (MarkerError, check_prediction_matches_measurement, parse_size_string,
-                                         parse_tolerance, spec_from_marker)
+from pytest_gpumem.compare.checks import check_prediction_matches_measurement
+from pytest_gpumem.errors import MarkerError
+from pytest_gpumem.plugin.marker import parse_size_string, parse_tolerance, spec_from_marker
 from pytest_gpumem.units import GB, GIB, MB, MIB, Tolerance, budget_text
 
 # A small real setup: its estimate is pure arithmetic (< 1 ms) and has a clear peak.
@@ -135,7 +136,7 @@ def test_prediction_vs_measurement_band():
 
 
 def test_spec_from_marker_defaults_and_overrides():
-    from pytest_gpumem.plugin.marker import Defaults
+    from pytest_gpumem.record import Defaults
 
     defaults = Defaults(budget_bytes=24 * GIB, budget_text="24 GiB = 25.77 GB", gpu=resolve_gpu("L4"))
     spec = spec_from_marker((), {"setup": SETUP}, defaults)
@@ -296,6 +297,7 @@ def test_bad_marker_is_an_error_on_that_test_only(pytester, arguments, field, gi
     assert given in error_text, error_text
     assert "fix:" in error_text
     assert "Traceback" not in error_text and "plugin.py" not in error_text, error_text
+    assert "pytest_gpumem/" not in error_text, error_text  # no frame of the plugin package either
 
 
 def test_collect_only_lists_marker_errors(pytester):

@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from pytest_gpumem import estimate, plugin
+from pytest_gpumem import estimate
+from pytest_gpumem.plugin import mode as plugin_mode
 from pytest_gpumem.gpus import resolve_gpu
 from pytest_gpumem.units import GB, GIB
 
@@ -115,7 +116,7 @@ def test_bad_ini_values_are_usage_errors(pytester, ini, message):
 
 
 def test_cli_overrides_ini(pytester, monkeypatch):
-    monkeypatch.setattr(plugin, "SIMULATE_MODULE", "pytest_gpumem._not_installed_simulate")
+    monkeypatch.setattr(plugin_mode, "SIMULATE_MODULE", "pytest_gpumem._not_installed_simulate")
     pytester.makeini("[pytest]\ngpu_budget = true\ngpu_budget_mode = simulate\ngpu_budget_default = 3 GB\n"
                      "gpu_budget_gpu = L4\n")
     write(pytester)
@@ -170,7 +171,7 @@ def test_unknown_mode_is_a_usage_error(pytester):
 @pytest.mark.parametrize("mode, attribute, extra", [("simulate", "SIMULATE_MODULE", "pytest-gpumem[[]sim]"),
                                                    ("measure", "RUNNER_MODULE", "pytest-gpumem[[]trl]")])
 def test_missing_backends_are_usage_errors(pytester, monkeypatch, mode, attribute, extra):
-    monkeypatch.setattr(plugin, attribute, "pytest_gpumem._not_installed")
+    monkeypatch.setattr(plugin_mode, attribute, "pytest_gpumem._not_installed")
     write(pytester)
     result = pytester.runpytest(f"--gpu-budget={mode}", *FAST)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -181,7 +182,7 @@ def test_missing_backends_are_usage_errors(pytester, monkeypatch, mode, attribut
 def test_simulate_mode_judges_the_simulation(pytester, monkeypatch):
     pytester.makepyfile(fake_simulate=FAKE_SIMULATE)
     pytester.syspathinsert()
-    monkeypatch.setattr(plugin, "SIMULATE_MODULE", "fake_simulate")
+    monkeypatch.setattr(plugin_mode, "SIMULATE_MODULE", "fake_simulate")
     peak = estimate(SETUP).peak_bytes
     budget_gb = round(peak * 1.12 / GB, 2)  # between the estimate and the (stand-in) simulation, 1.25 × it
     write(pytester, MODULE.replace("gb=40", f"gb={budget_gb}"))
@@ -196,7 +197,7 @@ def test_simulate_mode_judges_the_simulation(pytester, monkeypatch):
 def test_measure_mode_records_and_judges_the_run(pytester, monkeypatch):
     pytester.makepyfile(fake_runner=FAKE_RUNNER)
     pytester.syspathinsert()
-    monkeypatch.setattr(plugin, "RUNNER_MODULE", "fake_runner")
+    monkeypatch.setattr(plugin_mode, "RUNNER_MODULE", "fake_runner")
     setups = {name: {**SETUP, "max_completion_length": length}
               for name, length in (("AGREE", 256), ("DISAGREE", 200), ("OOM", 100), ("SKIP", 64))}
     write(pytester, "import pytest\n" + "".join(f"{k} = {v!r}\n" for k, v in setups.items()) + textwrap.dedent("""
@@ -242,7 +243,7 @@ def test_auto_measures_on_a_cuda_machine(pytester, monkeypatch):
 
     pytester.makepyfile(fake_runner=FAKE_RUNNER)
     pytester.syspathinsert()
-    monkeypatch.setattr(plugin, "RUNNER_MODULE", "fake_runner")
+    monkeypatch.setattr(plugin_mode, "RUNNER_MODULE", "fake_runner")
     monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure.device"), "cuda_available", lambda: True)
     write(pytester)
     result = pytester.runpytest("--gpu-budget", "--gpu-budget-default=40 GB", *FAST)

@@ -12,8 +12,10 @@ import pytest
 
 from pytest_gpumem.breakdown import Component
 from pytest_gpumem.predict.analytic import estimate
+from pytest_gpumem.record import measured_peak
 from pytest_gpumem.report.html import (BASELINE_COLOUR, BUDGET_COLOUR, COMPONENT_COLOURS, EXTRA_COLOURS, component_colour,
-                                  measured_peak, render_html, render_markdown, write_html, write_markdown)
+                                       render_html, write_html)
+from pytest_gpumem.report.markdown import render_markdown, write_markdown
 from pytest_gpumem.units import GIB, MIB, format_both
 
 MODELS = ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen3-4B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-7B"]

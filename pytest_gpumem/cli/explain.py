@@ -8,7 +8,7 @@ import sys
 
 from ..diagnose.explain import Diagnosis, diagnose
 from ..errors import GpuMemError
-from .estimate import load_setup_arg
+from ._setup_args import load_setup_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

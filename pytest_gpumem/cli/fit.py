@@ -9,7 +9,7 @@ from typing import Any
 
 from ..diagnose.fit import DIMENSIONS, EFFECTIVE_BATCH, fit
 from ..units import format_gib
-from .estimate import add_setup_arguments, setup_from_args
+from ._setup_args import add_setup_arguments, setup_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 
 from ..predict.faketensor import run_simulation
 from ..units import format_gib
-from .estimate import add_setup_arguments, print_result, setup_from_args
+from ._setup_args import add_setup_arguments, print_result, setup_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

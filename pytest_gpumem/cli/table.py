@@ -7,7 +7,7 @@ import argparse
 from ..errors import GpuMemError
 from ..diagnose.fit import DEFAULT_KEEP
 from ..diagnose.table import TABLE_SIZES_GIB, table
-from .estimate import add_setup_arguments, setup_from_args
+from ._setup_args import add_setup_arguments, setup_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

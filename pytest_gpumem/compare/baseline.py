@@ -29,10 +29,8 @@ with a tolerance of percent *and* absolute bytes (``"5%+256MiB"``), and shrinkin
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +39,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..breakdown import Breakdown
 from ..errors import GpuMemError
+from ..record import MEASURED_PEAKS
 from ..units import MIB, Tolerance, format_gib
 from ..versions import PACKAGE_VERSION, installed_versions
 
@@ -97,10 +96,10 @@ def headline_peak_bytes(record: Mapping[str, Any]) -> tuple[str | None, int | No
 
     measure: NVML's device-level peak (it sees vLLM's and the CUDA context's non-torch memory too), else the
     caching allocator's peak reserved, else the measured breakdown's peak — the same order as the budget
-    check (:func:`pytest_gpumem.marks.judged_peak`), so the baseline and the budget speak of one number.
+    check (:data:`pytest_gpumem.record.MEASURED_PEAKS`), so the baseline and the budget speak of one number.
     estimate / simulate: the breakdown's peak (the prediction itself).
     """
-    candidates = ["nvml_peak_bytes", "peak_reserved_bytes"] if record.get("mode") == "measure" else []
+    candidates = [key for key, _, _ in MEASURED_PEAKS] if record.get("mode") == "measure" else []
     for name in candidates:
         if record.get(name) is not None:
             return name, int(record[name])

@@ -7,7 +7,7 @@ accumulation, HF ``generate`` and — when vLLM is installed — vLLM colocate w
 sized to the GPU: a setup is kept when the estimate says it fits in :data:`FIT_FRACTION` of the card (else a
 smaller-shape variant is tried), so a run measures a peak rather than an OOM.
 
-Each setup runs through :func:`pytest_gpumem.runner.run` (a fresh process each) and the results are written
+Each setup runs through :func:`pytest_gpumem.measure.runner.run` (a fresh process each) and the results are written
 *as they come* to ``validation/<gpu>-<date>.json`` (setup, the estimate at the time, the measurement per
 phase, versions) with a Markdown table next to it; a rerun on the same day resumes where it stopped. The
 test ``tests/test_validation_files.py`` checks the current estimator against every committed file
@@ -20,23 +20,22 @@ and cuBLAS live, and because an OOM is about the total; the reserved-only figure
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import platform
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import GpuMemError
-from ..gpus import resolve_gpu
 from ..measure.nvml import nvml, nvml_handle, nvml_memory
+from ..measure.runner import run as run_setup
+from ..predict.analytic import estimate
 from ..spec import GRPOSetup
 from ..measure.child.tiny import TINY_QWEN2_CONFIG
-from ..units import GIB, format_gib
+from ..units import format_gib
 
 SCHEMA = "pytest-gpumem/validation/1"
 #: |predicted − measured| / measured allowed for a committed measurement (the CI gate)
@@ -114,8 +113,6 @@ def available_extras() -> dict[str, bool]:
 
 
 def _predicted_peak(setup: GRPOSetup, total_bytes: int) -> tuple[int, bool]:
-    from ..predict.analytic import estimate
-
     result = estimate(setup, gpu=total_bytes)
     refused = any(w.startswith("vLLM would refuse") for w in result.warnings)
     return result.peak_bytes, refused
@@ -194,8 +191,6 @@ def _measured_record(result) -> dict[str, Any]:
 
 def _estimate_record(setup: GRPOSetup, total_bytes: int | None) -> dict[str, Any]:
     try:
-        from ..predict.analytic import estimate
-
         return estimate(setup, gpu=total_bytes).to_dict()
     except Exception as exc:  # noqa: BLE001 - the measurement is worth keeping without an estimate
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -218,8 +213,6 @@ def run_matrix(entries: list[MatrixEntry], path: Path, gpu: Mapping[str, Any], *
     ``resume``: entries already in the file with status ok/oom are kept and not rerun. ``max_seconds``: no
     new run starts after this budget (the next call resumes). Returns the document.
     """
-    from ..measure.runner import run as run_setup
-
     runner = runner or run_setup
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,8 +336,6 @@ class EntryCheck:
 
 def check_entry(entry: Mapping[str, Any], gpu_total_bytes: int, tolerance: float) -> EntryCheck:
     """The current estimator against one committed measurement."""
-    from ..predict.analytic import estimate
-
     name, status = entry["name"], entry["status"]
     measured = entry["measured"]
     device_type = (measured.get("device") or {}).get("type")
@@ -408,62 +399,3 @@ def markdown_table(document: Mapping[str, Any]) -> str:
 
 def _gib_or_dash(value) -> str:
     return format_gib(value) if value else "—"
-
-
-# -- CLI ----------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="validation", metavar="DIR", help="output folder (default validation/)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per setup (default 2)")
-    parser.add_argument("--only", metavar="NAMES", help="comma-separated setup names (see --list)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="run only a tiny setup (any device, CPU included): checks the pipeline in seconds")
-    parser.add_argument("--device", choices=("cuda", "cpu", "auto"), default=None,
-                        help="where the runs happen (default: cuda; auto for --smoke)")
-    parser.add_argument("--gpu", metavar="SIZE_OR_NAME",
-                        help="size the matrix for this GPU instead of the one at hand (e.g. 24GiB, L4)")
-    parser.add_argument("--list", action="store_true", help="print the matrix with predicted peaks and exit")
-    parser.add_argument("--fresh", action="store_true", help="rerun entries already measured today")
-    parser.add_argument("--max-minutes", type=float, metavar="MINUTES",
-                        help="start no new setup after this long (rerun to resume)")
-    parser.add_argument("--timeout", type=float, default=900, metavar="SECONDS", help="per-setup timeout")
-
-
-def run(args: argparse.Namespace) -> int:
-    device = args.device or ("auto" if args.smoke else "cuda")
-    if args.gpu:
-        card = resolve_gpu(args.gpu, field="--gpu")
-        gpu = {"name": card.name, "total_bytes": card.total_bytes, "source": card.source}
-    elif device == "cpu" or (args.smoke and device == "auto" and nvml_handle(0)[0] is None):
-        gpu = {"name": "cpu", "total_bytes": 80 * GIB, "source": "nominal (CPU run)"}
-    else:
-        gpu = gpu_at_hand()
-    only = [SMOKE[0]] if args.smoke else ([n.strip() for n in args.only.split(",") if n.strip()] if args.only else None)
-    entries = build_matrix(gpu["total_bytes"], only=only)
-    if only:
-        known = {name for name, _, _ in CANDIDATES + [SMOKE]}
-        unknown = [name for name in only if name not in known]
-        if unknown:
-            raise GpuMemError("--only", f"unknown setup name(s): {', '.join(unknown)}",
-                              fix="see `gpumem validate --list`")
-    if args.list:
-        print(f"matrix for {gpu['name']} ({format_gib(gpu['total_bytes'])}), {len(entries)} setups:")
-        for entry in entries:
-            print(f"  {entry.name:40s} {entry.why}")
-        return 0
-    if len(entries) < MIN_SETUPS and not only:
-        print(f"gpumem validate: only {len(entries)} setups fit {gpu['name']} (want ≥ {MIN_SETUPS})", file=sys.stderr)
-    path = output_path(Path(args.out), gpu["name"])
-
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    document = run_matrix(entries, path, gpu, device=device, steps=args.steps, timeout_s=args.timeout,
-                          resume=not args.fresh, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
-                          progress=progress)
-    print(markdown_table(document))
-    print(f"written: {path} and {path.with_suffix('.md')}")
-    checks = check_file(document)
-    failed = [c for c in checks if c.checked and not c.ok]
-    for check in checks:
-        print(f"{'FAIL' if check.checked and not check.ok else 'ok  '} {check.name}: {check.message}")
-    return 1 if failed else 0

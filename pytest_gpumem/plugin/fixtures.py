@@ -4,54 +4,32 @@ session's mode).
 Both work with or without ``--gpu-budget``: without it nothing is judged, ``grpo_step`` returns the estimate
 and ``gpu_memory`` still measures. Neither imports torch on its own: ``gpu_memory`` reads torch only when the
 test has imported it (reading CUDA state from a process that never touched the GPU would create a CUDA context
-there, ≈ 0.3–0.6 GiB — memory-model.md §6) and asks NVML whether a device exists at all.
+there, ≈ 0.3–0.6 GiB — docs/memory-model.md §6) and asks NVML whether a device exists at all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ..errors import MarkerError
 from ..measure.block import GpuMemory
+from ..predict.analytic import estimate
+from ..record import predicted_dict
+from .marker import parse_setup
+from .state import MANAGER_KEY, STATE_KEY, StepResult
 
 
 @pytest.fixture
 def gpu_memory(request: pytest.FixtureRequest) -> GpuMemory:
     """Measure your own GPU code for the test's ``gpu_budget``: ``with gpu_memory.track(): train_step()``."""
     tracker = GpuMemory()
-    from . import STATE_KEY
-
     state = request.node.stash.get(STATE_KEY, None)
     if state is not None:
         state.trackers.append(tracker)
     return tracker
-
-
-# -- grpo_step -------------------------------------------------------------------------------------------------
-@dataclass
-class StepResult:
-    """One ``grpo_step(setup)``: the setup, the prediction and (measure mode) the run.
-
-    ``estimate`` is the analytic :class:`~pytest_gpumem.estimate.Estimate` (always there); ``predicted`` the
-    record's prediction (the estimate, or the simulation in simulate mode); ``measured`` the record's
-    measurement (measure mode) and ``run`` the runner's RunResult."""
-
-    mode: str
-    setup: Any
-    estimate: Any
-    predicted: dict | None
-    measured: dict | None = None
-    run: Any = None
-
-    @property
-    def peak_bytes(self) -> int | None:
-        """The peak the budget is judged on: measured when measured, else predicted."""
-        from .marker import judged_peak
-
-        return judged_peak({"predicted": self.predicted, "measured": self.measured})[0]
 
 
 @pytest.fixture
@@ -60,10 +38,6 @@ def grpo_step(request: pytest.FixtureRequest):
     the session's mode — estimate, simulate, or measure (real steps on the GPU) — and records it for the
     test's ``gpu_budget``. ``grpo_step()`` with no argument uses the marker's ``setup=``. Returns a
     :class:`StepResult`. Without ``--gpu-budget`` it returns the estimate and judges nothing."""
-    from .marker import MarkerError, parse_setup
-    from . import MANAGER_KEY
-    from . import STATE_KEY
-
     manager = request.config.stash.get(MANAGER_KEY, None)
     state = request.node.stash.get(STATE_KEY, None)
     base_dirs = (Path(request.node.path).parent,) if getattr(request.node, "path", None) else ()
@@ -82,9 +56,6 @@ def grpo_step(request: pytest.FixtureRequest):
             if state is not None:
                 state.steps.append(result)
             return result
-        from ..predict.analytic import estimate
-        from . import predicted_dict
-
         result_estimate = estimate(resolved)
         return StepResult("estimate", resolved, result_estimate, predicted_dict(result_estimate, None))
 

@@ -1,11 +1,9 @@
-"""``@pytest.mark.gpu_budget``: reading its arguments into a :class:`BudgetSpec`, and the per-test checks.
+"""``@pytest.mark.gpu_budget``: reading its arguments into a :class:`~pytest_gpumem.record.BudgetSpec`.
 
-Modelled on pytest-memray's ``marks.py`` (one plain function per check, returning failure information or
-``None``) without its flaws (shared/docs/anchors.md): a bad argument is an error on *that* test — never an
+Unlike pytest-memray's marker (docs/anchors.md), a bad argument is an error on *that* test — never an
 INTERNALERROR — naming the argument, the value given and the accepted forms; a size string must carry an
-explicit unit and nothing may trail it; "GB" is 10**9 bytes and every message prints both units.
-
-Pure Python: nothing here imports torch.
+explicit unit and nothing may trail it; "GB" is 10**9 bytes and every message prints both units. The checks a
+budgeted test runs are ``compare/checks.py``. Pure Python: nothing here imports pytest or torch.
 """
 
 from __future__ import annotations
@@ -13,15 +11,14 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from ..errors import GpuMemError, MarkerError
 from ..gpus import GPU, resolve_gpu
 from ..spec import GRPOSetup
-from ..units import UNIT_BYTES, Tolerance, budget_text, format_gib, read_size
+from ..record import BudgetSpec, Defaults
+from ..units import UNIT_BYTES, Tolerance, budget_text, read_size
 
 MARKER = "gpu_budget"
 
@@ -43,8 +40,6 @@ MARKER_HELP = (f"{MARKER}(gb=|gib=|mb=|mib=|size='17 GiB', setup=None, tolerance
 
 #: the largest budget we accept: anything above is a typo (1 PB)
 MAX_BUDGET_BYTES = 10**15
-#: the prediction-vs-measurement band when none is given; revisit once validation/ has enough GPU runs
-DEFAULT_TOLERANCE = Tolerance(0.10, 0, "10%")
 
 
 # -- sizes -------------------------------------------------------------------------------------------------
@@ -163,36 +158,6 @@ def parse_gpu(value: Any, field: str = "gpu") -> GPU:
 
 
 # -- the spec ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Defaults:
-    """Session-wide values a marker may override (ini ``gpu_budget_default``, ``gpu_budget_gpu``, ...)."""
-
-    budget_bytes: int | None = None
-    budget_text: str | None = None
-    gpu: GPU | None = None
-    tolerance: Tolerance = DEFAULT_TOLERANCE
-
-
-@dataclass(frozen=True)
-class BudgetSpec:
-    """What one test is held to."""
-
-    budget_bytes: int | None
-    budget_text: str | None
-    setup: GRPOSetup | None
-    tolerance: Tolerance  # prediction vs measurement band (the marker's tolerance=, else 10%)
-    gpu: GPU | None  # the card given by the marker / option / ini; None: the budget is the card size
-    budget_origin: str  # "marker", "gpu" (the marker's card) or "default" (gpu_budget_default)
-
-    def judge_gpu(self) -> GPU | None:
-        """The card a prediction is made for: the given one, else a card the size of the budget."""
-        if self.gpu is not None:
-            return self.gpu
-        if self.budget_bytes is not None:
-            return GPU(f"a {self.budget_text} card (the budget)", self.budget_bytes, "budget")
-        return None
-
-
 def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults = Defaults(),
                      base_dirs: tuple[Path, ...] = ()) -> BudgetSpec:
     """Validate one marker's arguments. Raises :class:`~pytest_gpumem.errors.GpuMemError` naming the field."""
@@ -206,8 +171,9 @@ def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults 
     budget = parse_budget(tuple(args), kwargs)
     origin = "marker"
     tolerance = parse_tolerance(kwargs["tolerance"]) if kwargs.get("tolerance") is not None else defaults.tolerance
-    if kwargs.get("baseline_tolerance") is not None:  # validated here (a collection error); applied by baseline_plugin
-        Tolerance.parse(kwargs["baseline_tolerance"], field="baseline_tolerance")
+    baseline_tolerance = None
+    if kwargs.get("baseline_tolerance") is not None:  # read here (a collection error); applied by baseline_gate
+        baseline_tolerance = Tolerance.parse(kwargs["baseline_tolerance"], field="baseline_tolerance")
     marker_gpu = parse_gpu(kwargs["gpu"]) if kwargs.get("gpu") is not None else None
     gpu = marker_gpu or defaults.gpu
     if budget is None and marker_gpu is not None:
@@ -221,7 +187,7 @@ def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults 
         budget, origin = (defaults.budget_bytes, defaults.budget_text or budget_text(defaults.budget_bytes)), "default"
     setup = parse_setup(kwargs["setup"], base_dirs) if kwargs.get("setup") is not None else None
     return BudgetSpec(budget_bytes=budget[0], budget_text=budget[1], setup=setup, tolerance=tolerance, gpu=gpu,
-                      budget_origin=origin)
+                      budget_origin=origin, baseline_tolerance=baseline_tolerance)
 
 
 def default_spec(defaults: Defaults) -> BudgetSpec:
@@ -249,118 +215,3 @@ def describe_error(exc: BaseException, kwargs: Mapping[str, Any] | None = None) 
     # a bug of ours (a validator that raised something else): still an error on this test only
     return (f"invalid @pytest.mark.{MARKER} arguments {dict(kwargs or {})!r}: {type(exc).__name__}: {exc}"
             "\n  (pytest-gpumem raised an unexpected error here; please report it)")
-
-
-# -- checks: each returns a failure message or None ------------------------------------------------------------
-PHASE_WORDS = {"persistent": "between phases", "generation": "generation (rollouts)", "scoring": "scoring pass",
-               "training": "training micro-step", "optimizer_step": "optimizer step"}
-
-
-def judged_peak(record: Mapping[str, Any]) -> tuple[int | None, str]:
-    """The peak a budget is judged on, and what it is: a measurement when there is one (NVML's device-level
-    peak, else torch's reserved peak, else the measured breakdown), otherwise the prediction."""
-    measured = record.get("measured") or {}
-    for key, what in (("nvml_peak_bytes", "measured peak (NVML, device)"),
-                      ("peak_reserved_bytes", "measured peak (torch reserved)")):
-        if measured.get(key):
-            return int(measured[key]), what
-    if measured.get("breakdown"):
-        return int(measured["breakdown"]["peak_bytes"]), "measured peak"
-    predicted = record.get("predicted")
-    if predicted:
-        word = "simulated" if predicted.get("source") == "simulate" else "predicted"
-        return int(predicted["peak_bytes"]), f"{word} peak"
-    return None, "nothing to judge"
-
-
-def check_run_completed(record: Mapping[str, Any], item: Any = None) -> str | None:
-    """measure mode: the GRPO steps must have run (an OOM, a crash or a timeout fails the test)."""
-    run = (record.get("measured") or {}).get("run") if isinstance(record.get("measured"), Mapping) else None
-    if not run or run.get("status") in (None, "ok", "skipped"):
-        return None
-    reason = run.get("reason") or ""
-    status = {"oom": "ran out of GPU memory", "crashed": "crashed", "timeout": "timed out"}.get(run["status"],
-                                                                                                run["status"])
-    message = f"the measured GRPO run {status} against the {record.get('budget_text')} budget" + (
-        f": {reason}" if reason else "")
-    if run["status"] == "oom" and record.get("setup"):
-        # explain it: the shortfall, the phase and which predicted tensor the failed allocation is (the levers
-        # follow in the failure text); an unreadable message only loses the explanation
-        from ..errors import GpuMemError, MarkerError
-        from ..diagnose.explain import diagnose
-
-        text = (run.get("oom") or {}).get("message") or reason
-        try:
-            message += "\n" + diagnose(text, setup=record["setup"]).short(n=0)
-        except GpuMemError:
-            pass
-    return message
-
-
-def check_peak_within_budget(record: Mapping[str, Any], item: Any = None) -> str | None:
-    """The judged peak must not exceed the budget."""
-    budget = record.get("budget_bytes")
-    peak, what = judged_peak(record)
-    if budget is None or peak is None or peak <= budget:
-        return None
-    source = record.get("measured", {}).get("breakdown") if what.startswith("measured") and record.get("measured") \
-        else record.get("predicted")
-    phase, parts = None, ""
-    if source:
-        phase = source.get("peak_phase")
-        components = source.get("phases", {}).get(phase, {})
-        top = sorted(components.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-        parts = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in top)
-    where = f" in the {PHASE_WORDS.get(phase, phase)}" if phase else ""
-    gpu = record.get("gpu") or {}
-    spec = spec_of(item) if item is not None else None
-    limit = (f"the {record.get('budget_text')} of the {gpu['name']}"
-             if spec is not None and spec.budget_origin == "gpu" and gpu.get("name")
-             else f"the {record.get('budget_text')} budget")
-    return (f"{what} {format_gib(peak)}{where} exceeds {limit} by {format_gib(peak - budget)}"
-            + (f": {parts}" if parts else ""))
-
-
-def check_vllm_can_start(record: Mapping[str, Any], item: Any = None) -> str | None:
-    """A colocated vLLM that would refuse to start fails the test even when the peak would fit."""
-    if record.get("measured") and (record["measured"].get("breakdown") or record["measured"].get("run")):
-        return None  # a real run says what happened
-    for warning in (record.get("predicted") or {}).get("warnings", ()):
-        if warning.startswith("vLLM would refuse"):
-            return warning
-    return None
-
-
-def check_prediction_matches_measurement(record: Mapping[str, Any], item: Any = None,
-                                         tolerance: Tolerance | None = None) -> str | None:
-    """With both a prediction and a measurement, they must agree within the tolerance (relative to the
-    measurement)."""
-    predicted = record.get("predicted")
-    measured = record.get("measured") or {}
-    measured_peak, what = judged_peak({"measured": measured})
-    if not predicted or measured_peak is None or not what.startswith("measured"):
-        return None
-    if tolerance is None:
-        spec = spec_of(item) if item is not None else None
-        tolerance = spec.tolerance if spec is not None else DEFAULT_TOLERANCE
-    predicted_peak = int(predicted["peak_bytes"])
-    gap = abs(predicted_peak - measured_peak)
-    if gap <= tolerance.allowed_bytes(measured_peak):
-        return None
-    word = "over" if predicted_peak > measured_peak else "under"
-    return (f"prediction and measurement disagree: predicted {format_gib(predicted_peak)}, {what} "
-            f"{format_gib(measured_peak)} — the prediction is {gap / max(measured_peak, 1):.1%} {word} "
-            f"(tolerance {tolerance.text})")
-
-
-#: the checks run on every budgeted test, in order; the Manager copies this list (add yours there)
-DEFAULT_CHECKS: tuple[Callable[..., str | None], ...] = (
-    check_run_completed, check_vllm_can_start, check_peak_within_budget, check_prediction_matches_measurement)
-
-
-def spec_of(item: Any) -> BudgetSpec | None:
-    """The spec the plugin attached to ``item`` at collection (None for unbudgeted tests)."""
-    from . import STATE_KEY  # the stash key lives with the state it indexes
-
-    state = item.stash.get(STATE_KEY, None)
-    return state.spec if state is not None else None

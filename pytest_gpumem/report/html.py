@@ -1,18 +1,8 @@
-"""Reports for CI and for people: a Markdown summary and one self-contained HTML picture.
+"""One self-contained HTML picture of where the memory goes: no scripts, no network, no dependency, inline SVG.
 
-Both take the list of per-test result records the plugin produces (the JSON report's ``tests`` entries)::
-
-    {"nodeid", "mode", "budget_bytes", "budget_text", "setup", "predicted": Breakdown.to_dict() | None,
-     "measured": {"breakdown", "peak_reserved_bytes", "peak_allocated_bytes", "nvml_peak_bytes", "reasons"} | None,
-     "baseline": {"peak_bytes", "delta_bytes", "status", "message"} | None, "gpu": {"name", "total_bytes"} | None,
-     "verdict": "passed" | "failed" | "error" | "xfailed" | "skipped", "reason": str | None}
-
-- :func:`write_markdown`: a table (test, mode, budget, predicted, measured, baseline, delta, verdict) and
-  the failure reasons; appended to ``$GITHUB_STEP_SUMMARY`` too when that is set (GitHub Actions shows it
-  on the run's page).
-- :func:`write_html`: one file, no scripts, no network, no dependency: inline SVG only. An overview row per
-  test (the peak phase's components stacked, against the budget line, the measured peak and the baseline
-  marker, each row on its own scale so 50+ tests stay readable), then per test a stacked bar per phase.
+An overview row per test (the peak phase's components stacked, against the budget line, the measured peak and
+the baseline marker, each row on its own scale so 50+ tests stay readable), then per test a stacked bar per
+phase. Every :class:`~pytest_gpumem.breakdown.Component` has its colour in :data:`COMPONENT_COLOURS`.
 """
 
 from __future__ import annotations
@@ -24,10 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..breakdown import PHASE_ORDER, Breakdown, Component
+from ..record import measured_peak
 from ..units import GIB, format_gib
+from .cells import baseline_of, breakdown_of, budget_cell, context, counts, delta_text, gib_or_dash, predicted_peak
 
-VERDICT_SYMBOLS = {"passed": "✅", "failed": "❌", "error": "💥", "xfailed": "➖", "skipped": "⏭️"}
-BASELINE_SYMBOLS = {"grew": "📈", "shrank": "📉", "same": "", "missing": ""}
 #: plain-text arrows for the HTML: a CI browser or an offline laptop may lack an emoji font
 HTML_BASELINE_SYMBOLS = {"grew": "▲", "shrank": "▼", "same": "", "missing": ""}
 
@@ -70,139 +60,6 @@ def component_colour(name: str) -> str:
     return COMPONENT_COLOURS.get(name) or EXTRA_COLOURS[zlib.crc32(name.encode()) % len(EXTRA_COLOURS)]
 
 
-# -- reading a result record -------------------------------------------------------------------------
-def measured_peak(result: Mapping[str, Any]) -> tuple[str | None, int | None]:
-    """The measured peak and what it is: NVML's device peak, else torch's peak reserved, else the measured
-    breakdown's peak (the order the budget check judges in: :func:`pytest_gpumem.marks.judged_peak`)."""
-    measured = result.get("measured") or {}
-    if measured.get("nvml_peak_bytes") is not None:
-        return "NVML", int(measured["nvml_peak_bytes"])
-    if measured.get("peak_reserved_bytes") is not None:
-        return "reserved", int(measured["peak_reserved_bytes"])
-    breakdown = _breakdown(measured.get("breakdown"))
-    if breakdown is not None and breakdown.phases:
-        return breakdown.source, breakdown.peak_bytes
-    return None, None
-
-
-def predicted_peak(result: Mapping[str, Any]) -> int | None:
-    breakdown = _breakdown(result.get("predicted"))
-    return breakdown.peak_bytes if breakdown is not None and breakdown.phases else None
-
-
-def _breakdown(data: Mapping[str, Any] | None) -> Breakdown | None:
-    return Breakdown.from_dict(data) if data and data.get("phases") is not None else None
-
-
-def _baseline(result: Mapping[str, Any]) -> Mapping[str, Any]:
-    return result.get("baseline") or {}
-
-
-def _gib(num_bytes: int | None) -> str:
-    return "—" if num_bytes is None else format_gib(num_bytes)
-
-
-def _signed(num_bytes: int | None) -> str:
-    if num_bytes is None:
-        return "—"
-    if num_bytes == 0:
-        return "±0"
-    return ("+" if num_bytes >= 0 else "−") + format_gib(abs(num_bytes))
-
-
-def _budget(result: Mapping[str, Any]) -> str:
-    """The budget as the user wrote it (``17 GB`` of ``17 GB = 15.83 GiB``), else in GiB."""
-    text = result.get("budget_text")
-    return str(text).split(" = ")[0] if text else _gib(result.get("budget_bytes"))
-
-
-def _counts(results: Sequence[Mapping[str, Any]]) -> str:
-    counts: dict[str, int] = {}
-    for result in results:
-        counts[result.get("verdict") or "unknown"] = counts.get(result.get("verdict") or "unknown", 0) + 1
-    order = ["failed", "error", "passed", "xfailed", "skipped"]
-    names = sorted(counts, key=lambda v: (order.index(v) if v in order else len(order), v))
-    return ", ".join(f"{counts[name]} {name}" for name in names) or "no tests"
-
-
-def _context(results: Sequence[Mapping[str, Any]]) -> str:
-    modes = sorted({r.get("mode") for r in results if r.get("mode")})
-    gpus = sorted({r["gpu"]["name"] for r in results if r.get("gpu") and r["gpu"].get("name")})
-    parts = [f"mode: {', '.join(modes)}"] if modes else []
-    if gpus:
-        parts.append(f"GPU: {', '.join(gpus)}")
-    return " · ".join(parts)
-
-
-def _delta_text(result: Mapping[str, Any], symbols: Mapping[str, str] = BASELINE_SYMBOLS) -> str:
-    baseline = _baseline(result)
-    status = baseline.get("status")
-    if not status:
-        return "—"
-    if status == "missing":
-        return "no baseline"
-    if status == "same":
-        return f"{_signed(baseline.get('delta_bytes'))} (within tolerance)" if baseline.get("delta_bytes") else "±0"
-    return f"{_signed(baseline.get('delta_bytes'))} {status} {symbols.get(status, '')}".strip()
-
-
-# -- Markdown ------------------------------------------------------------------------------------------
-def _md_cell(text: Any) -> str:
-    # a table cell is one line; a pipe would end it (GFM honours \| even inside code spans)
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def render_markdown(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memory (pytest-gpumem)") -> str:
-    """The Markdown summary: counts, one table row per test, then the reasons of failures."""
-    lines = [f"## {title}", "", f"**{_counts(results)}**" + (f" · {_context(results)}" if _context(results) else ""), ""]
-    if not results:
-        lines.append("No test had a GPU memory budget.")
-        return "\n".join(lines) + "\n"
-    lines += ["| Test | Mode | Budget | Predicted | Measured | Baseline | Δ vs baseline | Verdict |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for result in results:
-        what, measured = measured_peak(result)
-        measured_text = f"{_gib(measured)} ({what})" if measured is not None else "—"
-        verdict = result.get("verdict") or "unknown"
-        lines.append("| " + " | ".join(_md_cell(cell) for cell in (
-            f"`{result.get('nodeid', '?')}`", result.get("mode") or "—", _budget(result),
-            _gib(predicted_peak(result)), measured_text, _gib(_baseline(result).get("peak_bytes")),
-            _delta_text(result), f"{VERDICT_SYMBOLS.get(verdict, '')} {verdict}".strip())) + " |")
-    problems = [r for r in results if r.get("verdict") in ("failed", "error") and r.get("reason")]
-    grown = [r for r in results if _baseline(r).get("status") == "grew" and r not in problems]
-    if problems or grown:
-        lines += ["", "### Why", ""]
-        for result in problems + grown:
-            text = result.get("reason") or _baseline(result).get("message") or ""
-            lines += [f"<details><summary><code>{html.escape(str(result.get('nodeid')))}</code>: "
-                      f"{html.escape(_first_line(text))}</summary>", "", "```", str(text).replace("```", "'''"), "```",
-                      "", "</details>", ""]
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def _first_line(text: str, limit: int = 160) -> str:
-    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def write_markdown(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                   environ: Mapping[str, str] | None = None, title: str = "GPU memory (pytest-gpumem)") -> list[Path]:
-    """Write the summary to ``path``; append it to ``$GITHUB_STEP_SUMMARY`` when set. Returns the files."""
-    text = render_markdown(results, title=title)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text, encoding="utf-8")
-    written = [target]
-    step_summary = (os.environ if environ is None else environ).get("GITHUB_STEP_SUMMARY")
-    if step_summary:
-        # appended, never overwritten: other steps write their own sections to the same file
-        with open(step_summary, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
-        written.append(Path(step_summary))
-    return written
-
-
-# -- HTML + SVG ----------------------------------------------------------------------------------------
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px}
@@ -234,7 +91,7 @@ def _attr(text: Any) -> str:
 
 
 def _scale_max(result: Mapping[str, Any], *breakdowns: Breakdown | None) -> int:
-    values = [result.get("budget_bytes"), measured_peak(result)[1], _baseline(result).get("peak_bytes")]
+    values = [result.get("budget_bytes"), measured_peak(result)[1], baseline_of(result).get("peak_bytes")]
     values += [b.peak_bytes for b in breakdowns if b is not None and b.phases]
     biggest = max((int(v) for v in values if v), default=0)
     return max(int(biggest * 1.06), 1)
@@ -270,12 +127,12 @@ def _markers(result: Mapping[str, Any], x0: float, px_per_byte: float, y0: float
         marks.append(f'<line class="measured" x1="{x:.2f}" x2="{x:.2f}" y1="{y0 - 2:.2f}" y2="{y1 + 2:.2f}" '
                      f'stroke="{MEASURED_COLOUR}" stroke-width="2.5"><title>measured peak ({_attr(what)}) '
                      f'{_attr(format_gib(measured))}</title></line>')
-    base = _baseline(result).get("peak_bytes")
+    base = baseline_of(result).get("peak_bytes")
     if base is not None:
         x = x0 + base * px_per_byte
         mid = (y0 + y1) / 2
         marks.append(f'<g class="baseline"><title>baseline {_attr(format_gib(base))} '
-                     f'({_attr(_baseline(result).get("status", ""))})</title>'
+                     f'({_attr(baseline_of(result).get("status", ""))})</title>'
                      f'<line x1="{x:.2f}" x2="{x:.2f}" y1="{y0 - 2:.2f}" y2="{y1 + 2:.2f}" stroke="{BASELINE_COLOUR}" '
                      f'stroke-width="2" stroke-dasharray="2,2"/><path d="M{x:.2f},{mid - 5:.2f} l5,5 l-5,5 l-5,-5 z" '
                      f'fill="{BASELINE_COLOUR}"/></g>')
@@ -284,10 +141,10 @@ def _markers(result: Mapping[str, Any], x0: float, px_per_byte: float, y0: float
 
 def _drawn_breakdowns(result: Mapping[str, Any]) -> list[tuple[str, Breakdown]]:
     drawn = []
-    predicted = _breakdown(result.get("predicted"))
+    predicted = breakdown_of(result.get("predicted"))
     if predicted is not None and predicted.phases:
         drawn.append(("predicted", predicted))
-    measured = _breakdown((result.get("measured") or {}).get("breakdown"))
+    measured = breakdown_of((result.get("measured") or {}).get("breakdown"))
     if measured is not None and measured.phases:
         drawn.append((measured.source if measured.source != "estimate" else "measured", measured))
     return drawn
@@ -392,7 +249,7 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memor
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{_attr(title)}</title><style>{_CSS}</style></head><body>",
            f"<h1>{_attr(title)}</h1>",
-           f'<div class="sub">{_attr(_counts(results))}' + (f" · {_attr(_context(results))}" if _context(results) else "")
+           f'<div class="sub">{_attr(counts(results))}' + (f" · {_attr(context(results))}" if context(results) else "")
            + "</div>", _legend(results)]
     if not results:
         out.append("<p>No test had a GPU memory budget.</p></body></html>")
@@ -406,17 +263,17 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memor
         out.append(
             f'<tr class="{_attr(verdict)}"><td class="test"><a href="#t{index}">{_attr(result.get("nodeid", "?"))}</a></td>'
             f'<td class="verdict" style="color:{VERDICT_COLOURS.get(verdict, "#1f2328")}">{_attr(verdict)}</td>'
-            f"<td>{overview_svg(result)}</td><td class=\"num\">{_attr(_budget(result))}</td>"
-            f'<td class="num">{_attr(_gib(predicted_peak(result)))}</td>'
-            f'<td class="num">{_attr(_gib(measured))}' + (f" <small>{_attr(what)}</small>" if what else "") + "</td>"
-            f'<td class="num">{_attr(_gib(_baseline(result).get("peak_bytes")))}</td>'
-            f'<td class="num">{_attr(_delta_text(result, HTML_BASELINE_SYMBOLS))}</td></tr>')
+            f"<td>{overview_svg(result)}</td><td class=\"num\">{_attr(budget_cell(result))}</td>"
+            f'<td class="num">{_attr(gib_or_dash(predicted_peak(result)))}</td>'
+            f'<td class="num">{_attr(gib_or_dash(measured))}' + (f" <small>{_attr(what)}</small>" if what else "") + "</td>"
+            f'<td class="num">{_attr(gib_or_dash(baseline_of(result).get("peak_bytes")))}</td>'
+            f'<td class="num">{_attr(delta_text(result, HTML_BASELINE_SYMBOLS))}</td></tr>')
     out.append("</tbody></table><h2>Per test: components by phase</h2>")
     for index, result in enumerate(results):
         verdict = result.get("verdict") or "unknown"
-        facts = [f"mode {result.get('mode') or '—'}", f"budget {result.get('budget_text') or _gib(result.get('budget_bytes'))}"]
+        facts = [f"mode {result.get('mode') or '—'}", f"budget {result.get('budget_text') or gib_or_dash(result.get('budget_bytes'))}"]
         if result.get("gpu"):
-            facts.append(f"GPU {result['gpu'].get('name')} ({_gib(result['gpu'].get('total_bytes'))})")
+            facts.append(f"GPU {result['gpu'].get('name')} ({gib_or_dash(result['gpu'].get('total_bytes'))})")
         reasons = (result.get("measured") or {}).get("reasons") or {}
         out.append(f'<section class="test" id="t{index}"><h3>{_attr(result.get("nodeid", "?"))} — '
                    f'<span style="color:{VERDICT_COLOURS.get(verdict, "#1f2328")}">{_attr(verdict)}</span></h3>'
@@ -425,7 +282,7 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memor
         if reasons:
             out.append('<div class="facts">not measured: ' + _attr("; ".join(f"{k}: {v}" for k, v in reasons.items()))
                        + "</div>")
-        message = result.get("reason") or (_baseline(result).get("message") if _baseline(result).get("status") in
+        message = result.get("reason") or (baseline_of(result).get("message") if baseline_of(result).get("status") in
                                            ("grew", "shrank", "missing") else None)
         if message:
             out.append(f"<pre>{_attr(message)}</pre>")
@@ -441,3 +298,8 @@ def write_html(results: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     target.write_text(render_html(results, title=title), encoding="utf-8")
     return target
 
+
+def write_report(records: Sequence[Mapping[str, Any]], path: Path, session: Any) -> str:
+    """``--gpu-budget-html``: the picture at ``path``; the terminal line."""
+    write_html(records, path)
+    return f"gpu budget HTML: {path}"

@@ -10,7 +10,7 @@ Schema (``schema_version`` 1; a consumer should check both ``schema`` and ``sche
      "summary": {"tests": n, "passed": n, "failed": n, "error": n, "xfailed": n, "skipped": n},
      "tests": [<record>, ...]}
 
-Each ``tests`` entry is the plugin's per-test record (see :mod:`pytest_gpumem.plugin`): nodeid, mode, budget,
+Each ``tests`` entry is the plugin's per-test record (:class:`pytest_gpumem.record.BudgetRecord`): nodeid, mode, budget,
 setup, the predicted breakdown, the measurement, the baseline comparison, the GPU judged against, the verdict
 and the reason. Under pytest-xdist the controller writes the one document with every worker's records.
 """
@@ -22,7 +22,7 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 SCHEMA = "pytest-gpumem-report"
 SCHEMA_VERSION = 1
@@ -85,3 +85,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: report schema version {document.get('schema_version')!r}, this pytest-gpumem "
                          f"reads version {SCHEMA_VERSION}")
     return document
+
+
+def write_report(records: Sequence[Mapping[str, Any]], path: Path, session: Any) -> str:
+    """``--gpu-budget-json``: the document at ``path`` (``session``: a :class:`~pytest_gpumem.report.ReportSession`);
+    the terminal line."""
+    write(path, build(records, session.info, session.environment()))
+    return f"gpu budget JSON report: {path}"

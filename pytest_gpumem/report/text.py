@@ -1,11 +1,25 @@
-"""Plain-text rendering of a Breakdown for terminals and pytest report sections (no dependencies)."""
+"""Plain text for terminals and pytest report sections: breakdowns, predicted vs measured, a measured run, the
+session summary table and a test's section — all through one table renderer, :func:`columns`."""
 
 from __future__ import annotations
 
-from typing import Any
+import textwrap
+from typing import Any, Callable, Sequence
 
 from ..breakdown import Breakdown, Phase
+from ..record import judged_peak
 from ..units import format_gib
+
+
+def columns(rows: Sequence[Sequence[str]], right: Callable[[int], bool]) -> list[str]:
+    """The one aligned-text table: ``rows[0]`` is the header, a rule of dashes under it, columns two spaces
+    apart, each padded to its widest cell — on the right for the columns ``right(index)`` says, else on the left."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(cell.rjust(widths[i]) if right(i) else cell.ljust(widths[i]) for i, cell in enumerate(row))
+
+    return [line(row).rstrip() for row in (rows[0], ["-" * w for w in widths], *rows[1:])]
 
 
 def breakdown_table(breakdown: Breakdown, *, total_bytes: int | None = None) -> str:
@@ -17,11 +31,7 @@ def breakdown_table(breakdown: Breakdown, *, total_bytes: int | None = None) -> 
     rows = [[name] + [format_gib(breakdown.phases[p][name]) if name in breakdown.phases[p] else "-" for p in phases]
             for name in names]
     rows.append(["TOTAL"] + [format_gib(breakdown.total(p)) for p in phases])
-    widths = [max(len(str(row[i])) for row in [headers] + rows) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(headers))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))
+    lines = columns([headers, *rows], right=lambda column: column > 0)
     lines.append(f"* peak phase: {peak}, {format_gib(breakdown.peak_bytes)}"
                  + (f" of {format_gib(total_bytes)} ({format_gib(total_bytes - breakdown.peak_bytes)} headroom)"
                     if total_bytes else ""))
@@ -41,20 +51,13 @@ def compare_table(predicted: Breakdown, measured: Breakdown, phases: list[str] |
                          _signed(m - p) if p is not None and m is not None else ""))
         p_total, m_total = predicted.total(phase), measured.total(phase)
         rows.append((phase, "TOTAL", format_gib(p_total), format_gib(m_total), _signed(m_total - p_total)))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = []
-    for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(columns(rows, right=lambda column: column >= 2))
 
 
 def _signed(num_bytes: int) -> str:
     return ("+" if num_bytes >= 0 else "−") + format_gib(abs(num_bytes))
 
 
-# -- text output -------------------------------------------------------------------------------------------
 def format_result(result: Any, predicted: Breakdown | None = None) -> str:
     """A measured run (a :class:`~pytest_gpumem.measure.protocol.RunResult`) for people: status, the per-phase
     table, peaks, and predicted vs measured when given."""
@@ -75,12 +78,7 @@ def format_result(result: Any, predicted: Breakdown | None = None) -> str:
                          *(format_gib(stats[k]) if stats.get(k) is not None else "—"
                            for k in ("peak_allocated_bytes", "peak_reserved_bytes", "non_torch_bytes",
                                      "nvml_peak_bytes", "peak_rss_bytes"))))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        for index, row in enumerate(rows):
-            lines.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
-                                   for i, cell in enumerate(row)))
-            if index == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines += columns(rows, right=lambda column: column > 0)
     for name, reason in sorted(result.reasons.items()):
         lines.append(f"{name}: {reason}")
     if result.oom:
@@ -99,4 +97,72 @@ def format_result(result: Any, predicted: Breakdown | None = None) -> str:
         lines.append("timings: " + ", ".join(parts))
     for note in data.get("notes") or ():
         lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _short_gib(num_bytes: int | None) -> str:
+    return "-" if num_bytes is None else f"{num_bytes / 2**30:.2f} GiB"
+
+
+def summary_table(records: list[dict]) -> list[str]:
+    """One row per budgeted test: test, mode, budget, predicted peak (phase), measured reserved / NVML,
+    headroom (budget − judged peak) and verdict."""
+    headers = ["test", "mode", "budget", "predicted peak (phase)", "measured reserved / NVML", "headroom", "verdict"]
+    rows = []
+    for record in records:
+        predicted = record.get("predicted") or {}
+        measured = record.get("measured") or {}
+        predicted_text = "-"
+        if predicted.get("peak_bytes") is not None:
+            predicted_text = f"{_short_gib(predicted['peak_bytes'])} ({predicted.get('peak_phase')})"
+        if measured and any(measured.get(k) is not None for k in ("peak_reserved_bytes", "nvml_peak_bytes")):
+            measured_text = f"{_short_gib(measured.get('peak_reserved_bytes'))} / {_short_gib(measured.get('nvml_peak_bytes'))}"
+        elif measured and measured.get("reasons"):
+            measured_text = sorted(set(measured["reasons"].values()))[0].replace("not measured: ", "not measured: ")
+        else:
+            measured_text = "-"
+        peak, _ = judged_peak(record)
+        budget = record.get("budget_bytes")
+        headroom = "-" if budget is None else "not judged" if peak is None else f"{(budget - peak) / 2**30:+.2f} GiB"
+        budget_text = (record.get("budget_text") or "-").split(" = ")[0]
+        rows.append([record["nodeid"], record.get("mode") or "-", budget_text, predicted_text, measured_text,
+                     headroom, (record.get("verdict") or "?").upper()])
+    return columns([headers, *rows], right=lambda column: column in (2, 5))
+
+
+def test_section(record: dict) -> str:
+    """A test's ``gpu budget`` report section: budget, judged peak, the breakdown by phase, measurement, assumptions, warnings."""
+    lines = [f"mode: {record.get('mode')}    budget: {record.get('budget_text')}"
+             + (f"    card: {record['gpu']['name']} ({format_gib(record['gpu']['total_bytes'])})"
+                if record.get("gpu") else "")]
+    peak, what = judged_peak(record)
+    if peak is not None and record.get("budget_bytes") is not None:
+        lines.append(f"judged on the {what}: {format_gib(peak)}, headroom "
+                     f"{format_gib(record['budget_bytes'] - peak)}")
+    setup = record.get("setup")
+    if setup:
+        shown = ", ".join(f"{k}={v!r}" for k, v in setup.items() if v is not None)
+        lines += textwrap.wrap("setup: " + shown, width=110, subsequent_indent="       ")
+    predicted = record.get("predicted")
+    if predicted and predicted.get("phases"):
+        lines.append("")
+        lines.append(f"{'simulated' if predicted.get('source') == 'simulate' else 'predicted'} breakdown by phase:")
+        lines.append(breakdown_table(Breakdown.from_dict(predicted), total_bytes=record.get("budget_bytes")))
+    measured = record.get("measured")
+    if measured:
+        lines.append("")
+        parts = [f"{name.replace('_bytes', '').replace('_', ' ')} {format_gib(measured[name])}"
+                 for name in ("peak_reserved_bytes", "peak_allocated_bytes", "nvml_peak_bytes")
+                 if measured.get(name) is not None]
+        lines.append("measured: " + (", ".join(parts) if parts else "nothing"))
+        for name, why in sorted((measured.get("reasons") or {}).items()):
+            lines.append(f"  {name}: {why}")
+        if measured.get("breakdown") and measured["breakdown"].get("phases"):
+            lines.append(breakdown_table(Breakdown.from_dict(measured["breakdown"]),
+                                         total_bytes=record.get("budget_bytes")))
+    if predicted:
+        for title, key in (("assumptions", "assumptions"), ("warnings", "warnings")):
+            if predicted.get(key):
+                lines.append(f"{title}:")
+                lines += [f"  - {text}" for text in predicted[key]]
     return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""What the plugin keeps per test and per session, and its exceptions; it imports nothing else of the plugin,
+so the manager, the fixtures and the marker hooks all import it and none of them imports another for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from ..record import BudgetSpec, judged_peak
+
+STATE_KEY = pytest.StashKey["TestState"]()
+MANAGER_KEY = pytest.StashKey["Any"]()  # the session's plugin.manager.Manager, while --gpu-budget is on
+
+
+class GpuBudgetFailure(AssertionError):
+    """A budget check failed: the test fails with this message (first line = the one-line reason)."""
+
+
+class MarkerArgumentError(Exception):
+    """Raised at setup of a test whose ``gpu_budget`` marker could not be read at collection."""
+
+
+@dataclass
+class TestState:
+    """What the plugin knows about one budgeted test."""
+
+    __test__ = False  # not a test class, whatever pytest's python_classes says
+
+    spec: BudgetSpec | None = None
+    error: str | None = None  # the marker could not be read: the test errors at setup with this text
+    steps: list = field(default_factory=list)  # StepResults of grpo_step calls (or of the marker's setup)
+    trackers: list = field(default_factory=list)  # measure.block.GpuMemory objects handed to the test
+    record: dict | None = None
+    failures: list = field(default_factory=list)
+    levers: list = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    """One ``grpo_step(setup)``: the setup, the prediction and (measure mode) the run.
+
+    ``estimate`` is the analytic :class:`~pytest_gpumem.predict.analytic.Estimate` (always there); ``predicted`` the
+    record's prediction (the estimate, or the simulation in simulate mode); ``measured`` the record's
+    measurement (measure mode) and ``run`` the runner's RunResult."""
+
+    mode: str
+    setup: Any
+    estimate: Any
+    predicted: dict | None
+    measured: dict | None = None
+    run: Any = None
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The peak the budget is judged on: measured when measured, else predicted."""
+        return judged_peak({"predicted": self.predicted, "measured": self.measured})[0]
