@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Mapping
 
+from .errors import GpuMemError
+from .units import format_gib
+
 
 class Phase(str, Enum):
     """The phases of one GRPO optimizer step on one GPU (see docs of :mod:`pytest_gpumem.estimate`)."""
@@ -195,8 +198,6 @@ class PeakJudgement:
     def fits(self, total_bytes: int | None = None, headroom: float = 0.0) -> bool:
         """Whether the peak stays under ``total_bytes × (1 − headroom)`` (default: the card it was made for,
         where vLLM must also be able to start)."""
-        from .errors import GpuMemError
-
         total = self.total_bytes if total_bytes is None else total_bytes
         if total is None:
             raise GpuMemError("gpu", "no GPU size to judge the fit against", fix="pass gpu='24GiB' or a card name")
@@ -228,7 +229,5 @@ class PeakJudgement:
 
     def summary(self) -> str:
         """One line: the peak, its phase and the three largest components."""
-        from .units import format_gib
-
         top = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in self.breakdown.top_components())
         return f"{self.peak_verb} peak {format_gib(self.peak_bytes)} in the {self.peak_phase} phase: {top}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .architectures import architecture
-from .errors import UnknownModelError
+from .errors import GpuMemError, UnknownModelError
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -171,8 +171,6 @@ class ModelSpec:
     def from_hf_config(cls, config: Mapping[str, Any], *, name: str | None = None, source: str = "inline",
                        published_num_params: int | None = None) -> "ModelSpec":
         """Build from a transformers ``config.json`` dict (multimodal configs: their ``text_config``)."""
-        from .errors import GpuMemError
-
         if "text_config" in config and isinstance(config["text_config"], Mapping):
             outer = config
             config = {**architecture(outer.get("model_type")).text_config_defaults, **config["text_config"]}

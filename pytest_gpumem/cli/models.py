@@ -6,14 +6,14 @@ import argparse
 import json
 import sys
 
+from ..models import registry, registry_record
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import registry, registry_record
-
     rows = []
     for name, spec in registry().items():
         record = registry_record(name)

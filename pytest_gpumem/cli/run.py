@@ -11,6 +11,7 @@ import json
 import sys
 
 from ..measure.protocol import DEVICES
+from ..predict.analytic import estimate
 from ..measure.runner import DEFAULT_TIMEOUT_S
 from ..measure.runner import run as run_setup
 from ..report.text import format_result
@@ -39,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     predicted = None
     if result.breakdown is not None:
         try:
-            from ..predict.analytic import estimate
-
             predicted = estimate(setup).breakdown
         except Exception as exc:  # noqa: BLE001 - the measurement stands on its own
             print(f"gpumem run: no estimate to compare with ({type(exc).__name__}: {exc})", file=sys.stderr)

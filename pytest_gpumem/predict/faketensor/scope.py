@@ -10,12 +10,14 @@ from ...errors import GpuMemError
 from ...models import ModelSpec
 from ...spec import GRPOSetup
 
-#: Components a FakeTensor simulation cannot see: non-torch memory, the allocator's reserve, vLLM, HF generate.
+#: Components a FakeTensor simulation cannot see: non-torch memory, the allocator's reserve, vLLM, HF generate,
+#: and what only a measurement has (``other``: measured bytes it could not attribute). The simulation's own
+#: batch buffers are one micro-batch, the estimate's the whole generation batch: not comparable either.
 NOT_SIMULATED_COMPONENTS = frozenset({
     Component.CUDA_CONTEXT.value, Component.ALLOCATOR_SLACK.value, Component.VLLM_WEIGHTS.value,
     Component.VLLM_KV_CACHE.value, Component.VLLM_ACTIVATIONS.value, Component.VLLM_CUDA_GRAPHS.value,
     Component.VLLM_NON_TORCH.value, Component.GENERATE_KV_CACHE.value, Component.GENERATE_LOGITS.value,
-    Component.BATCH_BUFFERS.value,
+    Component.BATCH_BUFFERS.value, Component.OTHER.value,
 })
 #: Phases the simulation produces (generation is not simulated: HF generate is data-dependent).
 SIMULATED_PHASES = (Phase.PERSISTENT.value, Phase.SCORING.value, Phase.TRAINING.value, Phase.OPTIMIZER.value)
