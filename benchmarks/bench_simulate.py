@@ -30,8 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pytest_gpumem.predict.analytic import estimate  # noqa: E402
-from pytest_gpumem.predict.faketensor import (accuracy_matrix, comparable_peak, comparable_total,  # noqa: E402
-                                    run_simulation)
+from pytest_gpumem.predict.faketensor import accuracy_matrix, comparable_peak, comparable_total, run_simulation  # noqa: E402
 from pytest_gpumem.units import GIB  # noqa: E402
 
 GOAL_SECONDS = 20.0

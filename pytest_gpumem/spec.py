@@ -1,8 +1,9 @@
 """What is trained: :class:`GRPOSetup`, with TRL's ``GRPOConfig`` names so users can paste their config.
 
 Defaults are the backend's own (TRL's ``GRPOConfig`` for ``"trl"``, Unsloth's for ``"unsloth"``) and are
-written once, on each :class:`~pytest_gpumem.backends.Backend` profile. A setup always holds concrete values after construction;
-``explicit_fields`` remembers which ones the user gave, so the estimate can say what it assumed.
+written once, on each :class:`~pytest_gpumem.backends.Backend` profile. A setup always holds concrete values
+after construction; ``explicit_fields`` remembers which ones the user gave, so the estimate can say what it
+assumed.
 """
 
 from __future__ import annotations
@@ -352,7 +353,8 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
     _require_int(setup, "num_iterations", 1, "use num_iterations ≥ 1")
     if setup.steps_per_generation is None:
         _set(setup, "steps_per_generation", setup.gradient_accumulation_steps)
-    _require_int(setup, "steps_per_generation", 1, "use steps_per_generation ≥ 1 (default: gradient_accumulation_steps)")
+    _require_int(setup, "steps_per_generation", 1,
+                 "use steps_per_generation ≥ 1 (default: gradient_accumulation_steps)")
     _require_int(setup, "num_generations", 2, "GRPO needs at least 2 completions per prompt to compute "
                                               "advantages: set num_generations ≥ 2")
     if backend.resets_indivisible_batch:

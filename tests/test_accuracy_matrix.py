@@ -20,8 +20,13 @@ pytest.importorskip("trl", reason="the simulation needs trl")
 
 from pytest_gpumem.breakdown import Phase  # noqa: E402
 from pytest_gpumem.predict.analytic import estimate  # noqa: E402
-from pytest_gpumem.predict.faketensor import (SIMULATED_PHASES, accuracy_matrix, comparable_peak,  # noqa: E402
-                                    comparable_total, run_simulation)
+from pytest_gpumem.predict.faketensor import (  # noqa: E402
+    SIMULATED_PHASES,
+    accuracy_matrix,
+    comparable_peak,
+    comparable_total,
+    run_simulation,
+)
 from pytest_gpumem.spec import GRPOSetup  # noqa: E402
 from pytest_gpumem.units import GIB  # noqa: E402
 

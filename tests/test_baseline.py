@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 
 from pytest_gpumem.compare import baseline as baseline_module
-from pytest_gpumem.compare.baseline import (DEFAULT_TOLERANCE, SCHEMA_VERSION, BaselineStore, BaselineStoreError,
-                                    check_against_baseline, compare, hardware_key, headline_peak_bytes,
-                                    record_from_result, software_versions)
+from pytest_gpumem.compare.baseline import (
+    DEFAULT_TOLERANCE,
+    SCHEMA_VERSION,
+    BaselineStore,
+    BaselineStoreError,
+    check_against_baseline,
+    compare,
+    hardware_key,
+    headline_peak_bytes,
+    record_from_result,
+)
 from pytest_gpumem.errors import GpuMemError
 from pytest_gpumem.predict.analytic import estimate
 from pytest_gpumem.units import GIB, MIB, Tolerance
@@ -44,7 +52,8 @@ def measure_result(nvml_peak_bytes, *, logits_bytes=2 * GIB) -> dict:
     return {"nodeid": "tests/test_grpo.py::test_measured", "mode": "measure", "budget_bytes": 20 * GIB,
             "budget_text": "20 GiB", "setup": {"model": "Qwen/Qwen2.5-7B", "max_completion_length": 1024},
             "predicted": {"source": "estimate", "phases": phases, "peak_phase": "training", "peak_bytes": 15 * GIB},
-            "measured": {"breakdown": {"source": "measure", "phases": phases}, "peak_reserved_bytes": peak_reserved_bytes,
+            "measured": {"breakdown": {"source": "measure", "phases": phases},
+                         "peak_reserved_bytes": peak_reserved_bytes,
                          "peak_allocated_bytes": peak_reserved_bytes - 100 * MIB,
                          "nvml_peak_bytes": nvml_peak_bytes, "reasons": {}},
             "baseline": None, "gpu": {"name": "NVIDIA H100 80GB HBM3", "total_bytes": 85_520_809_984},
@@ -55,7 +64,8 @@ def measure_result(nvml_peak_bytes, *, logits_bytes=2 * GIB) -> dict:
 def test_hardware_key_measure_names_the_gpu_and_its_memory():
     assert hardware_key("measure", "NVIDIA H100 80GB HBM3", 85_520_809_984) == "NVIDIA H100 80GB HBM3 (81559 MiB)"
     # a MIG slice of the same card has a different total: a different baseline
-    assert hardware_key("measure", "NVIDIA H100 80GB HBM3", 10 * GIB) != hardware_key("measure", "NVIDIA H100 80GB HBM3", 80 * GIB)
+    assert (hardware_key("measure", "NVIDIA H100 80GB HBM3", 10 * GIB)
+            != hardware_key("measure", "NVIDIA H100 80GB HBM3", 80 * GIB))
 
 
 def test_hardware_key_estimate_and_simulate_do_not_depend_on_the_runner():
@@ -228,7 +238,8 @@ def test_wrong_schema_is_a_clear_error_naming_the_file(tmp_path, content, expect
 
 
 def test_newer_schema_asks_to_upgrade(tmp_path):
-    path = _write(tmp_path / "b.json", json.dumps({"schema": "pytest-gpumem-baselines", "schema_version": SCHEMA_VERSION + 1,
+    path = _write(tmp_path / "b.json", json.dumps({"schema": "pytest-gpumem-baselines",
+                                                   "schema_version": SCHEMA_VERSION + 1,
                                                     "written_by": "pytest-gpumem 9.0.0", "baselines": {}}))
     with pytest.raises(BaselineStoreError, match="newer pytest-gpumem.*9.0.0.*upgrade pytest-gpumem"):
         BaselineStore(path).load()
@@ -256,7 +267,8 @@ def test_older_schema_with_a_migration_is_migrated_and_rewritten_on_save(tmp_pat
         return {"schema": document["schema"], "schema_version": 1, "baselines": baselines}
 
     monkeypatch.setitem(baseline_module.MIGRATIONS, 0, migrate_0_to_1)
-    path = _write(tmp_path / "b.json", json.dumps({"schema": "pytest-gpumem-baselines", "schema_version": 0, "entries": [
+    path = _write(tmp_path / "b.json", json.dumps({"schema": "pytest-gpumem-baselines", "schema_version": 0,
+                                                   "entries": [
         {"test": "t::a", "hardware": "estimate", "peak": 3 * GIB}]}))
     store = BaselineStore(path)
     assert store.get("t::a", "estimate")["predicted_peak_bytes"] == 3 * GIB
@@ -313,7 +325,8 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     path, go = tmp_path / ".gpumem" / "baselines.json", tmp_path / "go"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     processes = [subprocess.Popen([sys.executable, str(script), str(path), str(w), str(writes), str(go)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(workers)]
     time.sleep(0.5)
@@ -432,7 +445,8 @@ def test_save_then_compare_then_resave(tmp_path):
     assert store.get("t::a", "H100") == first
 
     same = check_against_baseline(store, "t::a", "H100", first, "5%+256MiB")
-    assert not same.failed and same.result == {**same.result, "status": "same", "delta_bytes": 0, "peak_bytes": 14 * GIB}
+    assert not same.failed
+    assert same.result == {**same.result, "status": "same", "delta_bytes": 0, "peak_bytes": 14 * GIB}
 
     grown = record_from_result(measure_result(17 * GIB, logits_bytes=5 * GIB), versions=VERSIONS)
     failing = check_against_baseline(store, "t::a", "H100", grown, "5%+256MiB", strict=True)
@@ -448,5 +462,6 @@ def test_save_then_compare_then_resave(tmp_path):
 
 def test_result_without_any_peak_is_not_compared(tmp_path):
     store = BaselineStore(tmp_path / "b.json")
-    outcome = check_against_baseline(store, "t::a", "estimate", {"mode": "measure", "breakdown": None}, "5%", strict=True)
+    outcome = check_against_baseline(store, "t::a", "estimate", {"mode": "measure", "breakdown": None}, "5%",
+                                     strict=True)
     assert outcome.result is None and not outcome.failed

@@ -73,7 +73,8 @@ def test_global_tolerance_option_and_ini(project: pytest.Pytester):
     project.makeini("[pytest]\ngpu_budget_baseline_tolerance = 50%\n")
     project.runpytest("--gpu-budget=estimate").assert_outcomes(passed=2)
     # the command line wins over the ini
-    project.runpytest("--gpu-budget=estimate", "--gpu-budget-baseline-tolerance=1GiB").assert_outcomes(failed=1, passed=1)
+    project.runpytest("--gpu-budget=estimate", "--gpu-budget-baseline-tolerance=1GiB").assert_outcomes(failed=1,
+                                                                                                      passed=1)
 
 
 def test_missing_baseline_is_reported_and_fails_only_when_strict(project: pytest.Pytester):
@@ -94,7 +95,8 @@ def test_missing_baseline_is_reported_and_fails_only_when_strict(project: pytest
 
 
 def test_baseline_path_option_and_ini(project: pytest.Pytester):
-    project.runpytest("--gpu-budget=estimate", "--gpu-budget-save", "--gpu-budget-baseline=ci/base.json").assert_outcomes(passed=2)
+    saved = project.runpytest("--gpu-budget=estimate", "--gpu-budget-save", "--gpu-budget-baseline=ci/base.json")
+    saved.assert_outcomes(passed=2)
     assert BaselineStore(project.path / "ci" / "base.json").get("test_budgets.py::test_small", "estimate")
     assert not (project.path / ".gpumem").exists()
     project.makeini("[pytest]\ngpu_budget_baseline = ci/base.json\n")

@@ -11,10 +11,10 @@ import pytest
 from pytest_gpumem import GRPOSetup, estimate
 from pytest_gpumem.breakdown import Component, Phase
 from pytest_gpumem.errors import GpuMemError, SetupError, UnknownModelError
-from pytest_gpumem.predict.analytic.constants import CUDA_CONTEXT_BYTES, NF4_BYTES_PER_PARAM
-from pytest_gpumem.predict.analytic.vllm import kv_cache_bytes as vllm_kv_cache_bytes
 from pytest_gpumem.gpus import resolve_gpu
 from pytest_gpumem.models import registry, registry_record, resolve_model
+from pytest_gpumem.predict.analytic.constants import CUDA_CONTEXT_BYTES, NF4_BYTES_PER_PARAM
+from pytest_gpumem.predict.analytic.vllm import kv_cache_bytes as vllm_kv_cache_bytes
 from pytest_gpumem.units import GB, GIB, MIB, format_both, parse_size
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B"

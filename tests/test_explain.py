@@ -144,24 +144,33 @@ OUTER = [(f"{SP}/transformers/trainer.py", "_inner_training_loop", "tr_loss_step
          (f"{SP}/trl/trainer/grpo_trainer.py", "training_step", "output = super().training_step(model, inputs)")]
 SCORING = OUTER + [
     (f"{SP}/transformers/trainer.py", "training_step", "inputs = self._prepare_inputs(inputs)"),
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_prepare_inputs", "generation_batch = self._generate_and_score_completions(generation_batch)"),
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_and_score_completions", "old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies("),
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_get_per_token_logps_and_entropies", "logits = model(**model_inputs).logits"),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_prepare_inputs",
+     "generation_batch = self._generate_and_score_completions(generation_batch)"),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_and_score_completions",
+     "old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies("),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_get_per_token_logps_and_entropies",
+     "logits = model(**model_inputs).logits"),
     (f"{SP}/torch/nn/modules/module.py", "_call_impl", "return forward_call(*args, **kwargs)"),
 ]
 GENERATION = OUTER + [
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_prepare_inputs", "generation_batch = self._generate_and_score_completions(generation_batch)"),
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_and_score_completions", "completion_ids_list = self._generate(prompts)"),
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_generate", "self._generate_single_turn(prompt_ids, images, multimodal_fields)"),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_prepare_inputs",
+     "generation_batch = self._generate_and_score_completions(generation_batch)"),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_and_score_completions",
+     "completion_ids_list = self._generate(prompts)"),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_generate",
+     "self._generate_single_turn(prompt_ids, images, multimodal_fields)"),
     (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_single_turn", "prompt_completion_ids = unwrapped_model.generate("),
     (f"{SP}/transformers/generation/utils.py", "generate", "result = self._sample("),
-    (f"{SP}/transformers/generation/utils.py", "_sample", "next_token_logits = outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32)"),
+    (f"{SP}/transformers/generation/utils.py", "_sample",
+     "next_token_logits = outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32)"),
 ]
 TRAINING = OUTER + [
     (f"{SP}/transformers/trainer.py", "training_step", "loss = self.compute_loss(model, inputs)"),
     (f"{SP}/trl/trainer/grpo_trainer.py", "compute_loss", "return self._compute_loss(model, inputs)"),
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_compute_loss", "per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies("),
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_get_per_token_logps_and_entropies", "logits = model(**model_inputs).logits"),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_compute_loss",
+     "per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies("),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_get_per_token_logps_and_entropies",
+     "logits = model(**model_inputs).logits"),
 ]
 BACKWARD = OUTER + [
     (f"{SP}/transformers/trainer.py", "training_step", "self.accelerator.backward(loss, **kwargs)"),
@@ -178,15 +187,18 @@ OPTIMIZER = [
 VLLM_STARTUP = [
     (f"{SP}/trl/trainer/grpo_trainer.py", "__init__", "self.vllm_generation = VLLMGeneration("),
     (f"{SP}/vllm/entrypoints/llm.py", "__init__", "self.llm_engine = LLMEngine.from_engine_args("),
-    (f"{SP}/vllm/v1/engine/core.py", "_initialize_kv_caches", "available_gpu_memory = self.model_executor.determine_available_memory()"),
+    (f"{SP}/vllm/v1/engine/core.py", "_initialize_kv_caches",
+     "available_gpu_memory = self.model_executor.determine_available_memory()"),
     (f"{SP}/vllm/v1/worker/gpu_worker.py", "determine_available_memory", "self.model_runner.profile_run()"),
     (f"{SP}/vllm/v1/worker/gpu_model_runner.py", "profile_run", "hidden_states = self._dummy_run("),
 ]
 VLLM_GENERATION = OUTER + [
-    (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_single_turn", "_, completion_ids, logprobs, _ = self.vllm_generation.generate("),
+    (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_single_turn",
+     "_, completion_ids, logprobs, _ = self.vllm_generation.generate("),
     (f"{SP}/trl/generation/vllm_generation.py", "generate", "all_outputs = self.llm.generate("),
     (f"{SP}/vllm/entrypoints/llm.py", "generate", "outputs = self._run_engine(use_tqdm=use_tqdm)"),
-    (f"{SP}/vllm/v1/worker/gpu_model_runner.py", "execute_model", "logits = self.model.compute_logits(sample_hidden_states)"),
+    (f"{SP}/vllm/v1/worker/gpu_model_runner.py", "execute_model",
+     "logits = self.model.compute_logits(sample_hidden_states)"),
 ]
 
 
@@ -219,7 +231,8 @@ MATERIALIZED = {"model": "Qwen/Qwen2.5-0.5B", "trl_version": "1.9.0", "per_devic
 
 
 def _oom_text(requested_bytes: int, total_gib: float = 22.03) -> str:
-    return (f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {requested_bytes / GIB:.2f} GiB. GPU 0 has a "
+    return (f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {requested_bytes / GIB:.2f} GiB. "
+            "GPU 0 has a "
             f"total capacity of {total_gib:.2f} GiB of which 1.00 GiB is free. Including non-PyTorch memory, this "
             "process has 20.00 GiB memory in use. Of the allocated memory 19.00 GiB is allocated by PyTorch, and "
             "500.00 MiB is reserved by PyTorch but unallocated.")
@@ -273,7 +286,8 @@ LEVER_SETUPS = [
      "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2, "optim": "adamw_torch"},
     {"model": "Qwen/Qwen2.5-7B", "backend": "unsloth", "gradient_checkpointing": True},
     {"model": "Qwen/Qwen2.5-0.5B", "gradient_checkpointing": False, "beta": 0.04, "attn_implementation": "eager",
-     "per_device_train_batch_size": 4, "num_generations": 4, "steps_per_generation": 4, "gradient_accumulation_steps": 4},
+     "per_device_train_batch_size": 4, "num_generations": 4, "steps_per_generation": 4,
+     "gradient_accumulation_steps": 4},
 ]
 
 
@@ -370,8 +384,10 @@ def test_a_message_without_figures_still_explains_with_a_setup():
 
 def test_a_reward_model_inside_generate_and_score_is_scoring():
     frames = OUTER + [
-        (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_and_score_completions", "rewards_per_func = self._calculate_rewards("),
-        (f"{SP}/trl/trainer/grpo_trainer.py", "_calculate_rewards", "rewards = reward_func(**reward_inputs).logits[:, 0]"),
+        (f"{SP}/trl/trainer/grpo_trainer.py", "_generate_and_score_completions",
+         "rewards_per_func = self._calculate_rewards("),
+        (f"{SP}/trl/trainer/grpo_trainer.py", "_calculate_rewards",
+         "rewards = reward_func(**reward_inputs).logits[:, 0]"),
         (f"{SP}/torch/nn/modules/linear.py", "forward", "return F.linear(input, self.weight, self.bias)"),
     ]
     assert parse(_traceback(*frames))[1].phase == "scoring"

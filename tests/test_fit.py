@@ -9,10 +9,10 @@ import pytest
 
 from pytest_gpumem import GpuMemError, GRPOSetup, estimate
 from pytest_gpumem.cli import main
-from pytest_gpumem.errors import SetupError
 from pytest_gpumem.diagnose.fit import DIMENSIONS, QUALITY_ORDER, _Search, build_setup, dimensions, fit, space_size
 from pytest_gpumem.diagnose.levers import min_vllm_utilization
 from pytest_gpumem.diagnose.table import TABLE_SIZES_GIB, table
+from pytest_gpumem.errors import SetupError
 from pytest_gpumem.gpus import resolve_gpu
 
 CASES = [
@@ -155,7 +155,8 @@ def test_build_setup_refuses_an_invalid_split():
     choice = [0] * len(dims)
     choice[batch] = len(dims[batch].options) - 1  # b = 1, GA = 8
     built = build_setup(setup, dims, tuple(choice))
-    assert (built.per_device_train_batch_size, built.gradient_accumulation_steps, built.steps_per_generation) == (1, 8, 8)
+    assert (built.per_device_train_batch_size, built.gradient_accumulation_steps,
+            built.steps_per_generation) == (1, 8, 8)
     with pytest.raises(SetupError):
         GRPOSetup.from_dict({"model": "Qwen/Qwen2.5-0.5B", "per_device_train_batch_size": 4,
                              "steps_per_generation": 1})

@@ -47,7 +47,8 @@ def mostly(good, bad):
 models = st.sampled_from(["Qwen/Qwen2.5-0.5B", "google/gemma-3-1b-it", "Qwen/Qwen3-0.6B", "no-such/model", "",
                           "qwen2.5-0.5b", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-7B-Instruct"])
 setup_values = {
-    "per_device_train_batch_size": mostly(st.sampled_from([1, 2, 4, 8, 16]), st.one_of(st.integers(-2, 17), junk, numbers)),
+    "per_device_train_batch_size": mostly(st.sampled_from([1, 2, 4, 8, 16]),
+                                          st.one_of(st.integers(-2, 17), junk, numbers)),
     "num_generations": mostly(st.sampled_from([2, 4, 8]), st.one_of(st.integers(-1, 17), junk)),
     "gradient_accumulation_steps": mostly(st.integers(1, 4), st.one_of(st.integers(-1, 9), junk)),
     "steps_per_generation": mostly(st.integers(1, 4), st.one_of(st.integers(-1, 9), junk)),

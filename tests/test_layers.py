@@ -40,7 +40,8 @@ MAY_IMPORT: dict[str, set[str]] = {
 }
 #: (importer, imported) pairs allowed inside a function though the imported module is light, and why
 LAZY = {(PACKAGE, f"{PACKAGE}.predict.faketensor"):
-        "the facade's `simulate` (module __getattr__): the simulation is the [sim] extra's, kept off the plugin's import"}
+        "the facade's `simulate` (module __getattr__): the simulation is the [sim] extra's, kept off the "
+        "plugin's import"}
 
 
 def layer_of(module: str) -> str:

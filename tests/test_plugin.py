@@ -16,9 +16,9 @@ import textwrap
 import pytest
 
 from pytest_gpumem import estimate
-from pytest_gpumem.gpus import resolve_gpu
 from pytest_gpumem.compare.checks import check_prediction_matches_measurement
 from pytest_gpumem.errors import MarkerError
+from pytest_gpumem.gpus import resolve_gpu
 from pytest_gpumem.plugin.marker import parse_size_string, parse_tolerance, spec_from_marker
 from pytest_gpumem.units import GB, GIB, MB, MIB, Tolerance, budget_text
 
@@ -83,9 +83,11 @@ def test_every_budget_form_is_read_with_both_units(pytester):
     result, report, tests = run_json(pytester)
     result.assert_outcomes(passed=9)
     expected = {"test_gb": (17 * GB, "17 GB = 15.83 GiB"), "test_gib": (20 * GIB, "20 GiB = 21.47 GB"),
-                "test_mb": (15000 * MB, "15000 MB = 14305.11 MiB"), "test_mib": (16384 * MIB, "16384 MiB = 17179.87 MB"),
+                "test_mb": (15000 * MB, "15000 MB = 14305.11 MiB"),
+                "test_mib": (16384 * MIB, "16384 MiB = 17179.87 MB"),
                 "test_size": (17 * GIB, "17 GiB = 18.25 GB"), "test_size_lower": (24 * GB, "24 GB = 22.35 GiB"),
-                "test_positional": (int(16.5 * GIB), "16.50 GiB = 17.72 GB"), "test_float": (int(17.5 * GB), "17.50 GB = 16.30 GiB")}
+                "test_positional": (int(16.5 * GIB), "16.50 GiB = 17.72 GB"),
+                "test_float": (int(17.5 * GB), "17.50 GB = 16.30 GiB")}
     for name, (num_bytes, text) in expected.items():
         assert tests[name]["budget_bytes"] == num_bytes, name
         assert tests[name]["budget_text"] == text, name

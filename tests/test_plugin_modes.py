@@ -8,8 +8,8 @@ import textwrap
 import pytest
 
 from pytest_gpumem import estimate
-from pytest_gpumem.plugin import mode as plugin_mode
 from pytest_gpumem.gpus import resolve_gpu
+from pytest_gpumem.plugin import mode as plugin_mode
 from pytest_gpumem.units import GB, GIB
 
 FAST = ("-p", "no:cacheprovider", "-p", "no:unraisableexception", "-p", "no:hypothesispytest", "-p", "no:benchmark",
@@ -178,7 +178,7 @@ def test_missing_backends_are_usage_errors(pytester, monkeypatch, mode, attribut
     result.stderr.fnmatch_lines([f"*--gpu-budget={mode} is not available*{extra}*"])
 
 
-# -- simulate and measure with stand-in backends ------------------------------------------------------------------------
+# -- simulate and measure with stand-in backends ------------------------------------------------------------------
 def test_simulate_mode_judges_the_simulation(pytester, monkeypatch):
     pytester.makepyfile(fake_simulate=FAKE_SIMULATE)
     pytester.syspathinsert()
@@ -251,7 +251,7 @@ def test_auto_measures_on_a_cuda_machine(pytester, monkeypatch):
     result.assert_outcomes(passed=2)
 
 
-# -- JSON report and xdist ----------------------------------------------------------------------------------------------
+# -- JSON report and xdist ----------------------------------------------------------------------------------------
 RECORD_KEYS = {"nodeid", "mode", "budget_bytes", "budget_text", "setup", "predicted", "measured", "baseline", "gpu",
                "verdict", "reason"}
 

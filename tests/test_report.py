@@ -13,8 +13,15 @@ import pytest
 from pytest_gpumem.breakdown import Component
 from pytest_gpumem.predict.analytic import estimate
 from pytest_gpumem.record import measured_peak
-from pytest_gpumem.report.html import (BASELINE_COLOUR, BUDGET_COLOUR, COMPONENT_COLOURS, EXTRA_COLOURS, component_colour,
-                                       render_html, write_html)
+from pytest_gpumem.report.html import (
+    BASELINE_COLOUR,
+    BUDGET_COLOUR,
+    COMPONENT_COLOURS,
+    EXTRA_COLOURS,
+    component_colour,
+    render_html,
+    write_html,
+)
 from pytest_gpumem.report.markdown import render_markdown, write_markdown
 from pytest_gpumem.units import GIB, MIB, format_both
 
@@ -30,13 +37,15 @@ def make_result(index: int, *, mode: str = "estimate", budget_factor: float = 1.
     budget = int(est.peak_bytes * budget_factor)
     result = {"nodeid": f"tests/test_grpo.py::test_budget[{model}-{index}]", "mode": mode, "budget_bytes": budget,
               "budget_text": format_both(budget), "setup": est.setup.to_dict(), "predicted": est.breakdown.to_dict(),
-              "measured": None, "baseline": None, "gpu": {"name": "NVIDIA H100 80GB HBM3", "total_bytes": 85_520_809_984},
+              "measured": None, "baseline": None,
+              "gpu": {"name": "NVIDIA H100 80GB HBM3", "total_bytes": 85_520_809_984},
               "verdict": "passed" if budget >= est.peak_bytes else "failed",
               "reason": None if budget >= est.peak_bytes else f"predicted peak {est.peak_bytes} over budget"}
     if mode == "measure":
         measured_breakdown = dict(est.breakdown.to_dict(), source="measure")
         result["measured"] = {"breakdown": measured_breakdown, "peak_reserved_bytes": int(est.peak_bytes * 0.93),
-                              "peak_allocated_bytes": int(est.peak_bytes * 0.9), "nvml_peak_bytes": est.peak_bytes + 500 * MIB,
+                              "peak_allocated_bytes": int(est.peak_bytes * 0.9),
+                              "nvml_peak_bytes": est.peak_bytes + 500 * MIB,
                               "reasons": {}}
     if baseline_factor is None:
         result["baseline"] = {"peak_bytes": None, "delta_bytes": None, "status": "missing",
@@ -46,7 +55,8 @@ def make_result(index: int, *, mode: str = "estimate", budget_factor: float = 1.
         delta = est.peak_bytes - base
         status = "grew" if delta > 0.05 * base else "shrank" if -delta > 0.05 * base else "same"
         result["baseline"] = {"peak_bytes": base, "delta_bytes": delta, "status": status,
-                              "message": f"GPU memory regression: peak grew by {delta} bytes" if status == "grew" else "ok"}
+                              "message": (f"GPU memory regression: peak grew by {delta} bytes" if status == "grew"
+                                          else "ok")}
         if status == "grew":
             result["verdict"], result["reason"] = "failed", result["baseline"]["message"]
     return result
@@ -101,7 +111,8 @@ def test_markdown_with_no_tests():
 def test_write_markdown_appends_to_github_step_summary(tmp_path):
     summary = tmp_path / "step_summary.md"
     summary.write_text("# Earlier step\n")
-    written = write_markdown([make_result(0)], tmp_path / "out" / "gpumem.md", environ={"GITHUB_STEP_SUMMARY": str(summary)})
+    written = write_markdown([make_result(0)], tmp_path / "out" / "gpumem.md",
+                             environ={"GITHUB_STEP_SUMMARY": str(summary)})
     assert written == [tmp_path / "out" / "gpumem.md", summary]
     own = (tmp_path / "out" / "gpumem.md").read_text()
     assert summary.read_text() == "# Earlier step\n\n" + own  # appended, earlier content kept
@@ -153,9 +164,11 @@ def test_html_draws_each_test_with_budget_measured_and_baseline_markers():
     collector = _parse(render_html(results))
     svgs = [attrs for tag, attrs, _ in collector.elements if tag == "svg"]
     assert [a["class"] for a in svgs].count("overview") == 12 and [a["class"] for a in svgs].count("detail") == 12
-    detail_lines = [(attrs, svg) for tag, attrs, svg in collector.elements if tag == "line" and svg and svg[-1] == "detail"]
+    detail_lines = [(attrs, svg) for tag, attrs, svg in collector.elements
+                    if tag == "line" and svg and svg[-1] == "detail"]
     assert sum(1 for a, _ in detail_lines if a.get("class") == "budget") == 12
-    assert sum(1 for a, _ in detail_lines if a.get("class") == "measured") == sum(r["mode"] == "measure" for r in results)
+    assert (sum(1 for a, _ in detail_lines if a.get("class") == "measured")
+            == sum(r["mode"] == "measure" for r in results))
     baselines = [a for tag, a, svg in collector.elements if tag == "g" and a.get("class") == "baseline"]
     with_baseline = sum(r["baseline"]["peak_bytes"] is not None for r in results)
     assert len(baselines) == 2 * with_baseline  # overview + detail
@@ -186,7 +199,8 @@ def test_html_geometry_matches_the_numbers():
     totals = [sum(c.values()) for c in result["predicted"]["phases"].values()]
     assert len(rows) == len(totals)
     longest = max(rows.values())
-    assert sorted(w / longest for w in rows.values()) == pytest.approx(sorted(t / max(totals) for t in totals), rel=1e-3)
+    assert sorted(w / longest for w in rows.values()) == pytest.approx(sorted(t / max(totals) for t in totals),
+                                                                       rel=1e-3)
 
 
 def test_html_escapes_test_ids_and_messages():
@@ -199,7 +213,8 @@ def test_html_escapes_test_ids_and_messages():
 
 def test_html_handles_results_without_breakdowns_or_budget():
     bare = {"nodeid": "t::bare", "mode": "measure", "budget_bytes": None, "budget_text": None, "setup": None,
-            "predicted": None, "measured": {"breakdown": None, "peak_reserved_bytes": None, "peak_allocated_bytes": None,
+            "predicted": None, "measured": {"breakdown": None, "peak_reserved_bytes": None,
+                                           "peak_allocated_bytes": None,
                                            "nvml_peak_bytes": 3 * GIB, "reasons": {"peak_reserved_bytes": "no CUDA"}},
             "baseline": None, "gpu": None, "verdict": "skipped", "reason": "no CUDA device"}
     text = render_html([bare])
@@ -236,7 +251,8 @@ def _chromium(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedP
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def _screenshot_colours(browser: str, tmp_path: Path, html_path: Path, name: str) -> tuple[tuple[int, int], dict, float]:
+def _screenshot_colours(browser: str, tmp_path: Path, html_path: Path,
+                        name: str) -> tuple[tuple[int, int], dict, float]:
     from PIL import Image
 
     png = tmp_path / f"{name}.png"
@@ -254,7 +270,8 @@ def _rgb(hex_colour: str) -> tuple[int, int, int]:
     return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
 
 
-@pytest.mark.skipif(_browser() is None, reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(_browser() is None,
+                    reason="no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
 def test_html_renders_in_a_headless_browser(tmp_path):
     """60 tests: the browser parses the inline SVG, and the screenshot shows the components, budget and markers."""
     pytest.importorskip("PIL", reason="Pillow decodes the screenshot (in the 'test' extra)")
@@ -281,4 +298,5 @@ def test_html_renders_in_a_headless_browser(tmp_path):
     empty = write_html([], tmp_path / "empty.html")
     _, empty_colours, empty_inked = _screenshot_colours(browser, tmp_path, empty, "empty")
     assert empty_inked < 0.05
-    assert colours.get(_rgb(COMPONENT_COLOURS["weights"]), 0) > 50 * empty_colours.get(_rgb(COMPONENT_COLOURS["weights"]), 0) + 30
+    weights = _rgb(COMPONENT_COLOURS["weights"])
+    assert colours.get(weights, 0) > 50 * empty_colours.get(weights, 0) + 30

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from pytest_gpumem import Breakdown, GpuMemError
-from pytest_gpumem.measure.child import tiny
 from pytest_gpumem.breakdown import Component, Phase
+from pytest_gpumem.measure.child import tiny
+from pytest_gpumem.measure.child.tiny import TINY_QWEN2_CONFIG
 from pytest_gpumem.measure.protocol import RunResult, measured_breakdown
 from pytest_gpumem.measure.runner import assign_cuda_device, describe_exit, run, skip_reason
 from pytest_gpumem.report.text import compare_table, format_result
 from pytest_gpumem.spec import GRPOSetup
-from pytest_gpumem.measure.child.tiny import TINY_QWEN2_CONFIG
 from pytest_gpumem.units import GIB, MIB
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,10 +18,16 @@ from pytest_gpumem.cli import main  # noqa: E402
 from pytest_gpumem.errors import GpuMemError  # noqa: E402
 from pytest_gpumem.predict.analytic import estimate  # noqa: E402
 from pytest_gpumem.predict.analytic.constants import NF4_BYTES_PER_PARAM  # noqa: E402
-from pytest_gpumem.predict.faketensor import (NOT_SIMULATED_COMPONENTS, SimulationError, comparable_total,  # noqa: E402
-                                    reduced_config, run_simulation, simulate)
-from pytest_gpumem.spec import GRPOSetup  # noqa: E402
+from pytest_gpumem.predict.faketensor import (  # noqa: E402
+    NOT_SIMULATED_COMPONENTS,
+    SimulationError,
+    comparable_total,
+    reduced_config,
+    run_simulation,
+    simulate,
+)
 from pytest_gpumem.predict.faketensor.tracker import LiveStorageTracker, cuda_rounded  # noqa: E402
+from pytest_gpumem.spec import GRPOSetup  # noqa: E402
 
 QWEN = reduced_config("Qwen/Qwen2.5-0.5B", 2)
 SMALL = {"per_device_train_batch_size": 2, "num_generations": 2, "max_prompt_length": 32,

@@ -14,12 +14,24 @@ from pathlib import Path
 
 import pytest
 
+from pytest_gpumem.compare.validation import (
+    DEFAULT_TOLERANCE,
+    MIN_SETUPS,
+    SCHEMA,
+    SMOKE,
+    build_matrix,
+    check_file,
+    load_validation,
+    markdown_table,
+    new_document,
+    output_path,
+    run_matrix,
+    schema_problems,
+    write_validation,
+)
 from pytest_gpumem.predict.analytic import estimate
 from pytest_gpumem.spec import GRPOSetup
 from pytest_gpumem.units import GIB
-from pytest_gpumem.compare.validation import (DEFAULT_TOLERANCE, MIN_SETUPS, SCHEMA, SMOKE, build_matrix, check_file,
-                                    load_validation, markdown_table, new_document, output_path, run_matrix,
-                                    schema_problems, write_validation)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = sorted((ROOT / "validation").glob("*.json"))

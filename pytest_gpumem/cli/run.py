@@ -11,9 +11,9 @@ import json
 import sys
 
 from ..measure.protocol import DEVICES
-from ..predict.analytic import estimate
 from ..measure.runner import DEFAULT_TIMEOUT_S
 from ..measure.runner import run as run_setup
+from ..predict.analytic import estimate
 from ..report.text import format_result
 from ..spec import GRPOSetup
 

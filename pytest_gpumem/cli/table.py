@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import GpuMemError
 from ..diagnose.fit import DEFAULT_KEEP
 from ..diagnose.table import TABLE_SIZES_GIB, table
+from ..errors import GpuMemError
 from ._setup_args import add_setup_arguments, setup_from_args
 
 
@@ -23,7 +23,8 @@ def _sizes(text: str) -> list[float]:
         try:
             value = float(piece.strip().lower().removesuffix("gib"))
         except ValueError:
-            raise GpuMemError("--sizes", f"cannot read {piece!r} as a size in GiB", fix="e.g. --sizes 8,16,24,80") from None
+            raise GpuMemError("--sizes", f"cannot read {piece!r} as a size in GiB",
+                              fix="e.g. --sizes 8,16,24,80") from None
         if value <= 0:
             raise GpuMemError("--sizes", f"sizes must be positive, got {piece!r}", fix="e.g. --sizes 8,16,24,80")
         sizes.append(value)

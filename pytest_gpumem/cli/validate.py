@@ -7,8 +7,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..compare.validation import (CANDIDATES, DEFAULT_STEPS, MIN_SETUPS, SMOKE, build_matrix, check_file, gpu_at_hand,
-                                  markdown_table, output_path, run_matrix)
+from ..compare.validation import (
+    CANDIDATES,
+    DEFAULT_STEPS,
+    MIN_SETUPS,
+    SMOKE,
+    build_matrix,
+    check_file,
+    gpu_at_hand,
+    markdown_table,
+    output_path,
+    run_matrix,
+)
 from ..errors import GpuMemError
 from ..gpus import resolve_gpu
 from ..measure.nvml import nvml_handle

@@ -174,7 +174,7 @@ class BaselineStore:
         except FileNotFoundError:
             return _empty_document()
         except OSError as exc:
-            raise self._error(f"cannot read it ({exc.strerror or exc})", "check the path and its permissions")
+            raise self._error(f"cannot read it ({exc.strerror or exc})", "check the path and its permissions") from None
         return self._parse(text)
 
     def get(self, test_id: str, key: str) -> dict[str, Any] | None:
@@ -287,7 +287,8 @@ class BaselineStore:
                 raise self._error(f"baselines[{test_id!r}] is {type(per_key).__name__}, expected an object "
                                   "keyed by hardware", restore)
             for key, record in per_key.items():
-                _validate_record(record, where=f"baselines[{test_id!r}][{key!r}]", error=lambda p, f: self._error(p, restore))
+                _validate_record(record, where=f"baselines[{test_id!r}][{key!r}]",
+                                 error=lambda p, f: self._error(p, restore))
         return document
 
 
@@ -392,7 +393,8 @@ class Comparison:
         significant = [c for c in components if abs(c[2]) >= floor]
         if significant:
             word = "Grew" if self.status != "shrank" else "Shrank"
-            shown = ", ".join(f"{phase}/{name} {_signed_gib(delta)}" for phase, name, delta in significant[:max_components])
+            shown = ", ".join(f"{phase}/{name} {_signed_gib(delta)}"
+                              for phase, name, delta in significant[:max_components])
             hidden = len(components) - min(len(significant), max_components)
             more = f" (and {hidden} smaller or in other phases)" if hidden else ""
             lines.append(f"{word}: {shown}{more}.")
@@ -403,8 +405,10 @@ class Comparison:
         for name, (before, after) in self.other_metrics.items():
             lines.append(f"{METRIC_LABELS.get(name, name)}: {format_gib(after)} vs baseline {format_gib(before)} "
                          f"({_signed_gib(after - before)}).")
-        changes = [f"{pkg} {_version_text(old)} -> {_version_text(new)}" for pkg, (old, new) in self.changed_versions.items()]
-        changes += [f"setup.{name} {_value_text(old)} -> {_value_text(new)}" for name, (old, new) in self.changed_setup.items()]
+        changes = [f"{pkg} {_version_text(old)} -> {_version_text(new)}"
+                   for pkg, (old, new) in self.changed_versions.items()]
+        changes += [f"setup.{name} {_value_text(old)} -> {_value_text(new)}"
+                    for name, (old, new) in self.changed_setup.items()]
         if changes:
             lines.append("Changed since the baseline: " + "; ".join(changes) + ".")
         elif self.status == "grew":
@@ -436,7 +440,8 @@ def compare(baseline_record: Mapping[str, Any], current_record: Mapping[str, Any
         if baseline_bytes is None:
             baseline_bytes = headline_peak_bytes(baseline_record)[1]
     if baseline_bytes is None or current_bytes is None:
-        raise GpuMemError("baseline", "nothing to compare: a record has no peak", fix="record with record_from_result()")
+        raise GpuMemError("baseline", "nothing to compare: a record has no peak",
+                          fix="record with record_from_result()")
     allowed = tolerance.allowed_bytes(baseline_bytes)
     delta = current_bytes - baseline_bytes
     status = "grew" if delta > allowed else "shrank" if -delta > allowed else "same"

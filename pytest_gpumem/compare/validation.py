@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import GpuMemError
+from ..measure.child.tiny import TINY_QWEN2_CONFIG
 from ..measure.nvml import nvml, nvml_handle, nvml_memory
 from ..measure.runner import run as run_setup
 from ..predict.analytic import estimate
 from ..spec import GRPOSetup
-from ..measure.child.tiny import TINY_QWEN2_CONFIG
 from ..units import format_gib
 
 SCHEMA = "pytest-gpumem/validation/1"

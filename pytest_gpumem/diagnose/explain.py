@@ -21,6 +21,7 @@ from ..spec import GRPOSetup
 from ..units import format_gib
 from .levers import Lever, rank_levers
 
+
 def tensor_candidates(setup: Any) -> list[dict[str, Any]]:
     """Single tensors of a GRPO step that are large enough to be "Tried to allocate X": name, formula, bytes.
 
@@ -39,7 +40,8 @@ def tensor_candidates(setup: Any) -> list[dict[str, Any]]:
         ("the log-softmax over the vocabulary", "rows × C × V × 4 B", (b, c, vocab, 4)),
         ("generate's next-token logits", "rows × V × 4 B", (rows_gen, vocab, 4)),
         ("the prefill logits of generate", "rows × P × V × 4 B", (rows_gen, p, vocab, 4)),
-        ("one layer's KV cache in generate", "rows × L × 2·kv_heads·head_dim × 2 B", (rows_gen, length, 2 * spec.kv_out, 2)),
+        ("one layer's KV cache in generate", "rows × L × 2·kv_heads·head_dim × 2 B",
+         (rows_gen, length, 2 * spec.kv_out, 2)),
         ("the lm_head / embedding weight (fp32)", "V × h × 4 B", (vocab, h, 4)),
         ("the lm_head / embedding weight (bf16)", "V × h × 2 B", (vocab, h, 2)),
         ("an MLP activation", "rows × L × I × 2 B", (b, length, inter, 2)),
@@ -49,7 +51,8 @@ def tensor_candidates(setup: Any) -> list[dict[str, Any]]:
         ("eager attention scores", "rows × heads × L × L × 2 B", (b, spec.num_attention_heads, length, length, 2)),
         ("one MLP weight (fp32)", "h × I × 4 B", (h, inter, 4)),
         ("vLLM's sampler logits", "seqs × V × 4 B", (rows_gen, vocab, 4)),
-        ("a chunked log-prob tile", "min(rows·C, 4096) × min(V, 32768) × 2 B", (min(b * c, 4096), min(vocab, 32768), 2)),
+        ("a chunked log-prob tile", "min(rows·C, 4096) × min(V, 32768) × 2 B",
+         (min(b * c, 4096), min(vocab, 32768), 2)),
     ]
     result = []
     for name, formula, factors in out:
@@ -66,7 +69,8 @@ def match_tensor(requested_bytes: int | None, setup: Any, tolerance: float = 0.1
     two decimals and rounds large blocks up to 2 MiB, so an exact match is not expected."""
     if not requested_bytes:
         return None
-    scored = [(abs(c["bytes"] - requested_bytes) / requested_bytes, c) for c in tensor_candidates(setup) if c["bytes"] > 0]
+    scored = [(abs(c["bytes"] - requested_bytes) / requested_bytes, c)
+              for c in tensor_candidates(setup) if c["bytes"] > 0]
     if not scored:
         return None
     # within the printing precision (two decimals, 2 MiB blocks: ~1%) candidates are indistinguishable
@@ -193,7 +197,8 @@ def diagnose(text: str, setup: Any = None, gpu: Any = None, *, headroom: float =
     gpu = resolve_gpu(gpu)
     if gpu is None and message.values.get("total_bytes"):
         total = message.values["total_bytes"] - message.others_bytes
-        gpu = GPU("GPU of the message" + (" less other processes" if message.others_bytes else ""), total, "oom-message")
+        gpu = GPU("GPU of the message" + (" less other processes" if message.others_bytes else ""), total,
+                  "oom-message")
     result = estimate(setup, gpu)
     predicted = phase.phase if phase.phase in result.breakdown.phases else None
     if predicted is None:
@@ -256,9 +261,10 @@ def _message_notes(message: OomMessage) -> list[str]:
                      "(in TRL colocate mode the policy is already on the GPU when vLLM starts)")
     if message.kind == "vllm_kv_cache":
         if v.get("kv_cache_needed_bytes") is not None:
-            notes.append(f"one request of max_model_len {v['max_model_len']} needs {format_gib(v['kv_cache_needed_bytes'])} "
-                         f"of KV cache, {format_gib(v['kv_cache_available_bytes'])} is available: raise "
-                         f"gpu_memory_utilization by ≥ {format_gib(message.shortfall_bytes)} / total, or lower max_model_len"
+            notes.append(f"one request of max_model_len {v['max_model_len']} needs "
+                         f"{format_gib(v['kv_cache_needed_bytes'])} of KV cache, "
+                         f"{format_gib(v['kv_cache_available_bytes'])} is available: raise gpu_memory_utilization by "
+                         f"≥ {format_gib(message.shortfall_bytes)} / total, or lower max_model_len"
                          + (f" to ≤ {v['estimated_max_model_len']}" if v.get("estimated_max_model_len") else ""))
         elif v.get("kv_cache_tokens") is not None:
             notes.append(f"the KV cache holds {v['kv_cache_tokens']} tokens, max_model_len is {v['max_model_len']}: "

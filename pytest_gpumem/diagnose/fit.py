@@ -6,8 +6,9 @@ and moves only towards saving memory — fit pulls levers, it never spends memor
 (one exception: a colocated vLLM utilisation too low for vLLM to start at all — its KV cache could not hold
 one sequence — is raised to the smallest that starts). Dimensions are ordered by what matters for training
 quality (:data:`QUALITY_ORDER`), and the result is the lexicographically best fitting candidate: the longest
-completions first, then the largest groups, then the most trainable capacity, and so on; quality-neutral implementation levers (chunked log-probs, fused AdamW)
-come last, so they are used freely to avoid sacrificing anything else, and left off when not needed.
+completions first, then the largest groups, then the most trainable capacity, and so on; quality-neutral
+implementation levers (chunked log-probs, fused AdamW) come last, so they are used freely to avoid sacrificing
+anything else, and left off when not needed.
 
 Completions per optimizer step (``per_device_train_batch_size × gradient_accumulation_steps``) are kept:
 halving the micro-batch doubles the accumulation. Memory depends on the micro-batch, not on the effective
@@ -137,7 +138,8 @@ class FitResult:
                         changes=best["changes"], phases=best["phases"])
         else:
             data.update(setup=None, peak_bytes=None, changes=[],
-                        closest={**describe(self.closest), "short_by_bytes": self.closest.peak_bytes - self.budget_bytes})
+                        closest={**describe(self.closest),
+                                 "short_by_bytes": self.closest.peak_bytes - self.budget_bytes})
         data["alternatives"] = [{"keeps": keeps, **describe(candidate)} for keeps, candidate in self.alternatives]
         data["order"] = [{"dimension": name, "why": why} for name, why in QUALITY_ORDER]
         data["search"] = {"space_size": self.space_size, "evaluated": self.evaluated,

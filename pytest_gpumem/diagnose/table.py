@@ -59,7 +59,8 @@ def table(setup: Any, sizes_gib: Iterable[float] = TABLE_SIZES_GIB, headroom: fl
     spec = base.model_spec
     notes = (f"\n{spec.name} ({spec.num_params / 1e9:.2f}B), backend {base.backend}, prompt ≤ {base.max_prompt_length} "
              f"tokens; input: {_training_label(base)}, b × GA = {base.per_device_train_batch_size} × "
-             f"{base.gradient_accumulation_steps}, G = {base.num_generations}, completion {base.max_completion_length}. "
+             f"{base.gradient_accumulation_steps}, G = {base.num_generations}, "
+             f"completion {base.max_completion_length}. "
              f"Sizes are the totals torch reports; each row fits with {headroom:.0%} headroom, keeps "
              f"{base.completions_per_optimizer_step} completions per optimizer step, and is the best by "
              "`gpumem fit`'s order (completion length, group size, capacity, precision, optimizer, speed).")

@@ -82,7 +82,8 @@ def nvml_handle(cuda_index: int = 0, uuid: str | None = None) -> tuple[Any, str 
         entries = visible_device_entries()
         if entries is not None:
             if cuda_index >= len(entries):
-                return None, None, f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} has no device {cuda_index}"
+                return None, None, (f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} has no "
+                                    f"device {cuda_index}")
             entry = entries[cuda_index]
             if entry.isascii() and entry.isdigit():
                 return module.nvmlDeviceGetHandleByIndex(int(entry)), "CUDA_VISIBLE_DEVICES index", None

@@ -131,14 +131,16 @@ _FRACTION_FIELDS = {
 }
 _CUDA_ERROR = _w(r"(?:CUDA|HIP) error: out of memory|CUBLAS_STATUS_ALLOC_FAILED")
 # vLLM V1 gpu_worker.init_device / request_memory
-_VLLM_FREE = _w(r"Free memory on device ?(cuda:\d+|[\w:]+)? ?\( ?(\d+(?:\.\d+)?) ?/ ?(\d+(?:\.\d+)?) ?GiB ?\) ?on startup "
+_VLLM_FREE = _w(r"Free memory on device ?(cuda:\d+|[\w:]+)? ?\( ?(\d+(?:\.\d+)?) ?/ ?(\d+(?:\.\d+)?) ?GiB ?\) ?"
+                r"on startup "
                 r"is less than desired GPU memory utilization ?\( ?(\d+(?:\.\d+)?) ?, ?(\d+(?:\.\d+)?) ?GiB ?\)")
 # vLLM V1 kv_cache_utils.check_enough_kv_cache_memory ("models's" before the typo fix, "model's" after)
 _VLLM_KV_V1 = _w(r"To serve at least one request with the models?'?s max seq len \((\d+)\),? \(? ?" + _SIZE
                  + r" KV cache is needed, which is larger than the available KV cache memory \( ?" + _SIZE + r" ?\)")
 _VLLM_KV_ESTIMATE = _w(r"estimated maximum model length is (\d+)")
 # vLLM V0 worker.raise_if_cache_size_invalid
-_VLLM_KV_V0 = _w(r"(?:The model'?s )?max seq len \((\d+)\) is larger than the maximum number of tokens that can be stored in KV "
+_VLLM_KV_V0 = _w(r"(?:The model'?s )?max seq len \((\d+)\) is larger than the maximum number of tokens that can be "
+                 r"stored in KV "
                  r"cache \((\d+)\)")
 _VLLM_NO_BLOCKS = _w(r"No available memory for the cache blocks")
 _VLLM_SAMPLER = _w(r"CUDA out of memory occurred when warming up sampler with (\d+) dummy requests")
@@ -538,7 +540,8 @@ def detect_phase(frames: Iterable[Frame], kind: str | None = None) -> PhaseGuess
     if hit and outer_scoring:
         return PhaseGuess("scoring", str(hit), "no-grad log-probs inside _generate_and_score_completions")
     if hit:
-        return PhaseGuess("training", str(hit) if hit.file else hit.code, "forward / log-probs of a training micro-step")
+        return PhaseGuess("training", str(hit) if hit.file else hit.code,
+                          "forward / log-probs of a training micro-step")
     if outer_scoring:  # e.g. a reward model inside _generate_and_score_completions (before training_step's rule)
         return PhaseGuess("scoring", "_generate_and_score_completions", "scoring completions")
     hit = find(lambda f: f.function in _TRAINING_FUNCS)

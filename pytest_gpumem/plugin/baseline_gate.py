@@ -16,8 +16,15 @@ from typing import Any, Mapping
 
 import pytest
 
-from ..compare.baseline import (DEFAULT_BASELINE_PATH, DEFAULT_TOLERANCE, BaselineStore, check_against_baseline,
-                                hardware_key, record_from_result, software_versions)
+from ..compare.baseline import (
+    DEFAULT_BASELINE_PATH,
+    DEFAULT_TOLERANCE,
+    BaselineStore,
+    check_against_baseline,
+    hardware_key,
+    record_from_result,
+    software_versions,
+)
 from ..errors import GpuMemError
 from ..record import BudgetSpec
 from ..units import Tolerance
@@ -42,7 +49,8 @@ class BaselineGate:
         else:
             path = Path(config.rootpath) / DEFAULT_BASELINE_PATH
         self.store = BaselineStore(path)
-        text = config.getoption("gpu_budget_baseline_tolerance", None) or ini_value(config, "gpu_budget_baseline_tolerance")
+        text = (config.getoption("gpu_budget_baseline_tolerance", None)
+                or ini_value(config, "gpu_budget_baseline_tolerance"))
         source = "--gpu-budget-baseline-tolerance" if config.getoption("gpu_budget_baseline_tolerance", None) else \
             "gpu_budget_baseline_tolerance"
         try:
@@ -120,5 +128,6 @@ def _for_baseline(record: Mapping[str, Any]) -> dict:
     trimmed = dict(record)
     predicted = record.get("predicted")
     if predicted:
-        trimmed["predicted"] = {k: predicted[k] for k in ("source", "phases", "peak_phase", "peak_bytes") if k in predicted}
+        trimmed["predicted"] = {k: predicted[k] for k in ("source", "phases", "peak_phase", "peak_bytes")
+                                if k in predicted}
     return trimmed

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 from ..errors import GpuMemError, MarkerError
 from ..gpus import GPU, resolve_gpu
-from ..spec import GRPOSetup
 from ..record import BudgetSpec, Defaults
+from ..spec import GRPOSetup
 from ..units import UNIT_BYTES, Tolerance, budget_text, read_size
 
 MARKER = "gpu_budget"
@@ -134,7 +134,8 @@ def parse_setup(value: Any, base_dirs: tuple[Path, ...] = (), field: str = "setu
     if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
         text = os.fspath(value)
         if not text.strip():
-            raise MarkerError(field, "is an empty path", fix="give a path to a .json/.toml setup, a dict or a GRPOSetup")
+            raise MarkerError(field, "is an empty path",
+                              fix="give a path to a .json/.toml setup, a dict or a GRPOSetup")
         path = Path(text)
         candidates = [path] if path.is_absolute() else [base / path for base in base_dirs] + [Path.cwd() / path]
         for candidate in candidates:
@@ -158,7 +159,11 @@ def parse_gpu(value: Any, field: str = "gpu") -> GPU:
 
 
 # -- the spec ---------------------------------------------------------------------------------------------
-def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults = Defaults(),
+#: no session-wide budget, card or tolerance
+NO_DEFAULTS = Defaults()
+
+
+def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults = NO_DEFAULTS,
                      base_dirs: tuple[Path, ...] = ()) -> BudgetSpec:
     """Validate one marker's arguments. Raises :class:`~pytest_gpumem.errors.GpuMemError` naming the field."""
     unknown = [key for key in kwargs if key not in ALL_KEYWORDS]

@@ -56,7 +56,8 @@ def add_options(parser: pytest.Parser) -> None:
                     metavar="TOL", help=f"allowed growth over the baseline, percent and/or size, e.g. "
                                         f"'{DEFAULT_TOLERANCE}' (the default; ini gpu_budget_baseline_tolerance; per "
                                         f"test: gpu_budget(..., {BASELINE_TOLERANCE_KEYWORD}='10%'))")
-    parser.addini("gpu_budget_baseline", default="", help=f"pytest-gpumem: baseline file (default {DEFAULT_BASELINE_PATH})")
+    parser.addini("gpu_budget_baseline", default="",
+                  help=f"pytest-gpumem: baseline file (default {DEFAULT_BASELINE_PATH})")
     parser.addini("gpu_budget_baseline_tolerance", default="",
                   help=f"pytest-gpumem: allowed growth over the baseline (default '{DEFAULT_TOLERANCE}')")
     parser.addini("gpu_budget_strict", type="bool", default=False,

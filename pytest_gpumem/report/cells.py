@@ -67,5 +67,7 @@ def delta_text(result: Mapping[str, Any], symbols: Mapping[str, str] = BASELINE_
     if status == "missing":
         return "no baseline"
     if status == "same":
-        return f"{signed_or_dash(baseline.get('delta_bytes'))} (within tolerance)" if baseline.get("delta_bytes") else "±0"
+        if not baseline.get("delta_bytes"):
+            return "±0"
+        return f"{signed_or_dash(baseline.get('delta_bytes'))} (within tolerance)"
     return f"{signed_or_dash(baseline.get('delta_bytes'))} {status} {symbols.get(status, '')}".strip()

@@ -238,7 +238,8 @@ def _setup_facts(setup: Mapping[str, Any] | None) -> str:
     if not setup:
         return ""
     keys = ("model", "backend", "dtype", "load_in_4bit", "lora_rank", "per_device_train_batch_size", "num_generations",
-            "max_prompt_length", "max_completion_length", "gradient_checkpointing", "use_vllm", "vllm_gpu_memory_utilization")
+            "max_prompt_length", "max_completion_length", "gradient_checkpointing", "use_vllm",
+            "vllm_gpu_memory_utilization")
     return " · ".join(f"{key}={setup[key]}" for key in keys if setup.get(key) is not None)
 
 
@@ -261,17 +262,20 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memor
         verdict = result.get("verdict") or "unknown"
         what, measured = measured_peak(result)
         out.append(
-            f'<tr class="{_attr(verdict)}"><td class="test"><a href="#t{index}">{_attr(result.get("nodeid", "?"))}</a></td>'
+            f'<tr class="{_attr(verdict)}"><td class="test">'
+            f'<a href="#t{index}">{_attr(result.get("nodeid", "?"))}</a></td>'
             f'<td class="verdict" style="color:{VERDICT_COLOURS.get(verdict, "#1f2328")}">{_attr(verdict)}</td>'
             f"<td>{overview_svg(result)}</td><td class=\"num\">{_attr(budget_cell(result))}</td>"
             f'<td class="num">{_attr(gib_or_dash(predicted_peak(result)))}</td>'
-            f'<td class="num">{_attr(gib_or_dash(measured))}' + (f" <small>{_attr(what)}</small>" if what else "") + "</td>"
+            f'<td class="num">{_attr(gib_or_dash(measured))}'
+            + (f" <small>{_attr(what)}</small>" if what else "") + "</td>"
             f'<td class="num">{_attr(gib_or_dash(baseline_of(result).get("peak_bytes")))}</td>'
             f'<td class="num">{_attr(delta_text(result, HTML_BASELINE_SYMBOLS))}</td></tr>')
     out.append("</tbody></table><h2>Per test: components by phase</h2>")
     for index, result in enumerate(results):
         verdict = result.get("verdict") or "unknown"
-        facts = [f"mode {result.get('mode') or '—'}", f"budget {result.get('budget_text') or gib_or_dash(result.get('budget_bytes'))}"]
+        facts = [f"mode {result.get('mode') or '—'}",
+                 f"budget {result.get('budget_text') or gib_or_dash(result.get('budget_bytes'))}"]
         if result.get("gpu"):
             facts.append(f"GPU {result['gpu'].get('name')} ({gib_or_dash(result['gpu'].get('total_bytes'))})")
         reasons = (result.get("measured") or {}).get("reasons") or {}

@@ -116,7 +116,8 @@ def summary_table(records: list[dict]) -> list[str]:
         if predicted.get("peak_bytes") is not None:
             predicted_text = f"{_short_gib(predicted['peak_bytes'])} ({predicted.get('peak_phase')})"
         if measured and any(measured.get(k) is not None for k in ("peak_reserved_bytes", "nvml_peak_bytes")):
-            measured_text = f"{_short_gib(measured.get('peak_reserved_bytes'))} / {_short_gib(measured.get('nvml_peak_bytes'))}"
+            measured_text = (f"{_short_gib(measured.get('peak_reserved_bytes'))} / "
+                             f"{_short_gib(measured.get('nvml_peak_bytes'))}")
         elif measured and measured.get("reasons"):
             measured_text = sorted(set(measured["reasons"].values()))[0].replace("not measured: ", "not measured: ")
         else:
@@ -131,7 +132,8 @@ def summary_table(records: list[dict]) -> list[str]:
 
 
 def test_section(record: dict) -> str:
-    """A test's ``gpu budget`` report section: budget, judged peak, the breakdown by phase, measurement, assumptions, warnings."""
+    """A test's ``gpu budget`` report section: budget, judged peak, the breakdown by phase, measurement,
+    assumptions, warnings."""
     lines = [f"mode: {record.get('mode')}    budget: {record.get('budget_text')}"
              + (f"    card: {record['gpu']['name']} ({format_gib(record['gpu']['total_bytes'])})"
                 if record.get("gpu") else "")]

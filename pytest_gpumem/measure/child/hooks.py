@@ -14,9 +14,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ...breakdown import Phase
+from ...units import format_gib
 from ..sampler import NvmlSampler, PhaseTracker, RssSampler
 from ..snapshot import torch_device_uuid
-from ...units import format_gib
 from .results import gradient_bytes, optimizer_state_bytes
 from .tiny import exact_length_ids
 
@@ -49,7 +49,8 @@ def install_hooks(child: Child, trainer) -> None:
         samplers.append(rss)
     else:
         child.result["host_memory"]["reason"] = rss.reason
-    child.tracker = PhaseTracker(child.torch if child.cuda else None, 0, tuple(samplers), context=lambda: context(child))
+    child.tracker = PhaseTracker(child.torch if child.cuda else None, 0, tuple(samplers),
+                                 context=lambda: context(child))
     wraps = {"training_step": Phase.TRAINING.value, "_generate_and_score_completions": Phase.SCORING.value,
              "_generate": Phase.GENERATION.value}
     for method, phase in wraps.items():

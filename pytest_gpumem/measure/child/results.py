@@ -8,12 +8,12 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
+from ...versions import PACKAGE_VERSION, installed_versions
 from ..nvml import nvml
 from ..oom_message import parse_oom
 from ..protocol import measured_breakdown
 from ..sampler import PhaseTracker
 from ..snapshot import MemorySnapshot
-from ...versions import PACKAGE_VERSION, installed_versions
 
 if TYPE_CHECKING:
     from .process import Child

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from .constants import (CHUNKED_TOKEN_TILE, CHUNKED_VOCAB_TILE, MATERIALIZED_FP32_LOGITS_BYTES,
-                        UNSLOTH_CHUNK_BYTES_PER_LOGIT, P)
+from .constants import (
+    CHUNKED_TOKEN_TILE,
+    CHUNKED_VOCAB_TILE,
+    MATERIALIZED_FP32_LOGITS_BYTES,
+    UNSLOTH_CHUNK_BYTES_PER_LOGIT,
+    P,
+)
 from .context import Ctx
 
 

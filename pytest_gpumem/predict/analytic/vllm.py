@@ -8,8 +8,14 @@ version, when more than one version is modelled.
 from __future__ import annotations
 
 from ...units import format_gib
-from .constants import (CUDA_CONTEXT_BYTES, NF4_BYTES_PER_PARAM, VLLM_CUDA_GRAPH_BYTES, VLLM_MAX_BATCHED_TOKENS,
-                        VLLM_NON_TORCH_BYTES, C)
+from .constants import (
+    CUDA_CONTEXT_BYTES,
+    NF4_BYTES_PER_PARAM,
+    VLLM_CUDA_GRAPH_BYTES,
+    VLLM_MAX_BATCHED_TOKENS,
+    VLLM_NON_TORCH_BYTES,
+    C,
+)
 from .context import Ctx
 
 

@@ -41,8 +41,15 @@ from ...gpus import GPU, resolve_gpu
 from ...models import ModelSpec
 from ...spec import GRPOSetup
 from .matrix import MATRIX, accuracy_matrix, reduced_config
-from .scope import (NOT_SIMULATED_COMPONENTS, SIMULATED_PHASES, SimulationError, check_supported,
-                    comparable_components, comparable_peak, comparable_total)
+from .scope import (
+    NOT_SIMULATED_COMPONENTS,
+    SIMULATED_PHASES,
+    SimulationError,
+    check_supported,
+    comparable_components,
+    comparable_peak,
+    comparable_total,
+)
 
 __all__ = ["MATRIX", "NOT_SIMULATED_COMPONENTS", "SIMULATED_PHASES", "Simulation", "SimulationError",
            "accuracy_matrix", "comparable_components", "comparable_peak", "comparable_total", "reduced_config",
@@ -133,7 +140,8 @@ def run_simulation(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU
                               ) from None
     except Exception as exc:  # noqa: BLE001 - any failure of a traced model becomes a clear error
         raise SimulationError(
-            "simulate", f"the FakeTensor simulation of {spec.name} failed while {state.stage if state else 'starting'}: "
+            "simulate", f"the FakeTensor simulation of {spec.name} failed while "
+                        f"{state.stage if state else 'starting'}: "
                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
             fix="use `gpumem estimate` for this setup, and report the setup so the simulation can cover it"
         ) from exc

@@ -8,7 +8,6 @@ from typing import Any, Mapping
 from ...errors import GpuMemError
 from ...models import ModelSpec, resolve_model
 
-
 #: (name, registry model, CI layers, CI (b, P, C), full-size (b, P, C), other setup keys). Covers Llama-,
 #: Qwen2-, Qwen3- and Gemma3-style blocks, full fine-tuning / LoRA (q,v and all-linear) / QLoRA, checkpointing
 #: on and off, fp32 and bf16 weights, materialised and chunked log-probs, sdpa / eager / FlashAttention,
