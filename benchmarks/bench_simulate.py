@@ -8,7 +8,7 @@ Timing: ``simulate()`` of a Gemma-3-1B GRPO step at b = 8, L = P + C = 1024 (TRL
 weights, bf16 autocast, gradient checkpointing, chunked log-probs, fused AdamW), cold (first call in the
 process: imports torch/transformers/peft/trl) and warm (second call). The goal is < 20 s warm on 2 cores.
 
-The table: every setup of ``pytest_gpumem.simulate.accuracy_matrix("full")`` — registry models with all their
+The table: every setup of ``pytest_gpumem.predict.faketensor.accuracy_matrix("full")`` — registry models with all their
 layers and full-size batches — estimate vs simulation on the training phase and on the peak over the phases
 the simulation produces, both without what a simulation cannot see (``comparable_total``: CUDA context,
 allocator slack, vLLM, batch buffers).

@@ -6,8 +6,8 @@ double-quantised", "TRL's policy is on the GPU before colocated vLLM starts" —
 simulation, the measurement and the levers read instead of comparing backend names. Adding a backend is a
 profile here, its child loader in ``measure/child/backends/``, and whatever new arithmetic its traits imply in
 ``predict/analytic/``. Sources: trl 1.16 ``trl/trainer/grpo_config.py`` and ``grpo_trainer.py``; Unsloth's
-``FastLanguageModel.from_pretrained`` / ``get_peft_model`` defaults and GRPO patches (docs/memory-model.md §2,
-§3.2).
+``FastLanguageModel.from_pretrained`` / ``get_peft_model`` defaults and GRPO patches
+(docs/memory-model.md §2, §3.2).
 """
 
 from __future__ import annotations

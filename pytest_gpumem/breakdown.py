@@ -22,7 +22,7 @@ from .units import format_gib
 
 
 class Phase(str, Enum):
-    """The phases of one GRPO optimizer step on one GPU (see docs of :mod:`pytest_gpumem.estimate`)."""
+    """The phases of one GRPO optimizer step on one GPU (see :mod:`pytest_gpumem.predict.analytic`)."""
 
     PERSISTENT = "persistent"  # between phases: what never goes away
     GENERATION = "generation"  # rollouts (vLLM or HF generate)

@@ -73,7 +73,7 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return bool(self.num_experts)
 
-    # -- parameter counts (the formula of shared/data/README.md, reproduced to the parameter) ---
+    # -- parameter counts (the formula of data/README.md, reproduced to the parameter) -----------
     def attention_params(self) -> int:
         h = self.hidden_size
         params = h * self.q_out + 2 * h * self.kv_out + self.q_out * h

@@ -207,7 +207,7 @@ class GRPOSetup:
     @property
     def scoring_passes(self) -> tuple[str, ...]:
         """The no-grad log-prob passes TRL runs after generation (trl 1.16 ``_generate_and_score_completions``,
-        memory-model.md §2): ``"old"`` log-probs when ``GA % (steps_per_generation × num_iterations) != 0`` or
+        docs/memory-model.md §2): ``"old"`` log-probs when ``GA % (steps_per_generation × num_iterations) != 0`` or
         vLLM with importance-sampling correction; ``"ref"`` (reference) log-probs when ``beta != 0``."""
         passes = []
         if (self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations) != 0
@@ -360,7 +360,7 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
     if backend.resets_indivisible_batch:
         b, g, ga = setup.per_device_train_batch_size, setup.num_generations, setup.gradient_accumulation_steps
         if (ga * b) % g != 0:
-            # Unsloth silently resets the batch instead of raising (memory-model.md §2)
+            # Unsloth silently resets the batch instead of raising (docs/memory-model.md §2)
             _set(setup, "per_device_train_batch_size", g)
             notes.append(f"unsloth: (gradient_accumulation_steps × per_device_train_batch_size) = {ga}×{b} is not "
                          f"divisible by num_generations={g}, so Unsloth resets per_device_train_batch_size to {g}")

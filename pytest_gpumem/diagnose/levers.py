@@ -204,7 +204,7 @@ def rank_levers(setup: Any, gpu: Any = None, *, budget_bytes: int | None = None,
                 phase: str | None = None, n: int | None = None) -> list[Lever]:
     """Every applicable one-step lever, re-estimated, ranked by saving (largest first).
 
-    ``setup``: a GRPOSetup (or dict / path) or an :class:`~pytest_gpumem.estimate.Estimate`.
+    ``setup``: a GRPOSetup (or dict / path) or an :class:`~pytest_gpumem.predict.analytic.Estimate`.
     ``fits_after`` is judged against ``budget_bytes`` when given, else against ``gpu``'s total with
     ``headroom`` (and vLLM's start-up checks). Levers that save nothing or give an invalid setup are dropped."""
     if isinstance(setup, Estimate):

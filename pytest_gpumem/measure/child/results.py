@@ -117,7 +117,7 @@ def record_oom(child: Child, exc: BaseException) -> None:
     child.result["status"], child.result["oom"] = "oom", oom
     child.result["reason"] = f"out of memory in the {oom['phase']} phase: {message.splitlines()[0][:300]}"
     child.progress(child.result["reason"])
-    exc.__traceback__ = None  # frames hold tensors (anchors.md: clear them after an OOM)
+    exc.__traceback__ = None  # frames hold tensors (docs/anchors.md: clear them after an OOM)
 
 
 def record_crash(child: Child, exc: BaseException) -> None:

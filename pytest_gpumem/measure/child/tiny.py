@@ -2,11 +2,11 @@
 
 GPU memory of a training step depends on the architecture's shapes, the dtypes and the batch — not on the
 weights' values — so the runner builds the architecture with ``AutoModelForCausalLM.from_config`` (random
-weights) and a tokenizer made on the spot (see ``shared/docs/cpu-simulation.md``: the same recipe runs a
+weights) and a tokenizer made on the spot (see ``docs/cpu-simulation.md``: the same recipe runs a
 real TRL ``GRPOTrainer`` on CPU, offline).
 
 The tokenizer is a **word-level** vocabulary ``<pad> <eos> <unk> w3 w4 … w{V-1}`` of exactly the model's
-``vocab_size`` entries (a ByteLevel BPE trained on synthetic text, as in cpu-simulation.md, stops far short
+``vocab_size`` entries (a ByteLevel BPE trained on synthetic text, as in docs/cpu-simulation.md, stops far short
 of a real vocabulary). Two properties follow that a measurement needs:
 
 * every token id the model can sample decodes (a real-sized model samples from its whole vocabulary), and

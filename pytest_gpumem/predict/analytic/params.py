@@ -1,7 +1,7 @@
 """Model states: weights, LoRA adapters, the reference model, gradients, optimizer states and temporaries.
 
-The multi-GPU work adds its sharding step here (ZeRO-1/2/3 divide the 12Ψ / 14Ψ / 16Ψ of docs/memory-model.md
-§4 across ranks); today every state is whole on the one GPU.
+The multi-GPU work adds its sharding step here (ZeRO-1/2/3 divide the 12Ψ / 14Ψ / 16Ψ of
+docs/memory-model.md §4 across ranks); today every state is whole on the one GPU.
 """
 
 from __future__ import annotations
