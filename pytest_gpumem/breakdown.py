@@ -75,11 +75,15 @@ class Breakdown:
     ``source`` says who produced it: ``"estimate"``, ``"simulate"`` or ``"measure"``.
     ``largest_tensors`` optionally lists ``{"name", "shape", "dtype", "bytes", "phase"}`` records (the
     simulation and the estimate's largest single allocation).
+    ``origins[phase][component]`` names the producer of a component when it is not ``source``: the whole step
+    judged in simulate mode is the simulated torch tensors plus the estimate's parts a simulation cannot see
+    (``predict.analytic.whole_step``), each labelled by where it came from.
     """
 
     phases: Mapping[str, Mapping[str, int]]
     source: str = "estimate"
     largest_tensors: tuple = field(default=())
+    origins: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Normalise enum keys to their string values and drop zero components, so that two breakdowns
@@ -89,6 +93,11 @@ class Breakdown:
             normalised[str(phase)] = {str(name): int(num_bytes) for name, num_bytes in components.items()
                                       if int(num_bytes) != 0}
         object.__setattr__(self, "phases", normalised)
+        # only the origins that differ from ``source``, of components present: equal breakdowns compare equal
+        origins = {str(phase): {str(name): str(origin) for name, origin in by_name.items()
+                                if str(origin) != self.source and str(name) in normalised.get(str(phase), {})}
+                   for phase, by_name in self.origins.items()}
+        object.__setattr__(self, "origins", {phase: by_name for phase, by_name in origins.items() if by_name})
 
     # -- reading --------------------------------------------------------------------------------
     def phase_names(self) -> list[str]:
@@ -126,6 +135,23 @@ class Breakdown:
         items = sorted(self.components(phase).items(), key=lambda kv: (-kv[1], kv[0]))
         return items[:n]
 
+    def origin(self, phase: str | Phase, component: str) -> str:
+        """Who produced ``component`` of ``phase``: ``source`` unless :attr:`origins` says otherwise."""
+        return self.origins.get(str(phase), {}).get(str(component), self.source)
+
+    def component_origin(self, component: str) -> str:
+        """One label for a component across the phases: ``"simulate"``, ``"estimate"``, or
+        ``"simulate; estimate in generation"`` when the phases differ."""
+        by_origin: dict[str, list[str]] = {}
+        for phase in self.phase_names():
+            if component in self.phases[phase]:
+                by_origin.setdefault(self.origin(phase, component), []).append(phase)
+        if len(by_origin) <= 1:
+            return next(iter(by_origin), self.source)
+        main = max(by_origin, key=lambda origin: len(by_origin[origin]))
+        rest = "; ".join(f"{origin} in {', '.join(phases)}" for origin, phases in by_origin.items() if origin != main)
+        return f"{main}; {rest}"
+
     def component_names(self) -> list[str]:
         seen: dict[str, None] = {}
         for phase in self.phase_names():
@@ -153,12 +179,14 @@ class Breakdown:
                 "peak_phase": self.peak_phase, "peak_bytes": self.peak_bytes}
         if self.largest_tensors:
             data["largest_tensors"] = [dict(t) for t in self.largest_tensors]
+        if self.origins:
+            data["origins"] = {phase: dict(by_name) for phase, by_name in self.origins.items()}
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Breakdown":
         return cls(phases=data["phases"], source=data.get("source", "estimate"),
-                   largest_tensors=tuple(data.get("largest_tensors", ())))
+                   largest_tensors=tuple(data.get("largest_tensors", ())), origins=data.get("origins") or {})
 
     @classmethod
     def from_phases(cls, phases: Iterable[tuple[str | Phase, Mapping[str, int]]], source: str) -> "Breakdown":

@@ -91,7 +91,9 @@ def judged_peak(record: Mapping[str, Any]) -> tuple[int | None, str]:
         return int(measured["breakdown"]["peak_bytes"]), "measured peak"
     predicted = record.get("predicted")
     if predicted:
-        word = "simulated" if predicted.get("source") == "simulate" else "predicted"
+        word = "predicted"
+        if predicted.get("source") == "simulate":  # with origins: simulate mode's whole step (analytic parts added)
+            word = "simulated + estimated" if predicted.get("origins") else "simulated"
         return int(predicted["peak_bytes"]), f"{word} peak"
     return None, "nothing to judge"
 

@@ -189,7 +189,7 @@ def test_simulate_mode_judges_the_simulation(pytester, monkeypatch):
     result = pytester.runpytest("--gpu-budget=simulate", "--gpu-budget-default=40 GB", "--gpu-budget-json=out.json",
                                 *FAST)
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines([f"simulated peak * exceeds the {budget_gb:g} GB = * budget*",
+    result.stdout.fnmatch_lines([f"simulated + estimated peak * exceeds the {budget_gb:g} GB = * budget*",
                                  "top levers (re-estimated by the analytic model, which predicts *"])
     assert records(pytester)["test_fits"]["predicted"]["source"] == "simulate"
 

@@ -82,7 +82,8 @@ def _parse_value(name: str, value):
         return value
 
 
-def print_result(result, as_json: bool, header: str, details: list[str], verdict_note: str = "") -> int:
+def print_result(result, as_json: bool, header: str, details: list[str], verdict_note: str = "",
+                 show_verdict: bool = True) -> int:
     """Print an estimate or a simulation (JSON, or a table with its verdict, warnings and assumptions) and
     return the exit status: 0 fits or no GPU given, 1 does not fit."""
     if as_json:
@@ -94,7 +95,7 @@ def print_result(result, as_json: bool, header: str, details: list[str], verdict
         print(breakdown_table(result.breakdown, total_bytes=result.total_bytes))
         for line in details:
             print(line)
-        if result.gpu:
+        if result.gpu and show_verdict:
             verdict = "FITS" if result.fits() else "DOES NOT FIT"
             print(f"{verdict} on {result.gpu.name} ({format_gib(result.gpu.total_bytes)}{verdict_note})")
         for warning in result.warnings:

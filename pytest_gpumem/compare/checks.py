@@ -48,7 +48,11 @@ def check_peak_within_budget(record: Mapping[str, Any], spec: BudgetSpec | None 
         phase = source.get("peak_phase")
         components = source.get("phases", {}).get(phase, {})
         top = sorted(components.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-        parts = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in top)
+        origins = (source.get("origins") or {}).get(phase) if source.get("origins") else None
+        labelled = source.get("source", "estimate")  # simulate mode's whole step labels each part's origin
+        parts = ", ".join(f"{name} {format_gib(num_bytes)}"
+                          + (f" [{origins.get(name, labelled)}]" if origins is not None else "")
+                          for name, num_bytes in top)
     where = f" in the {PHASE_WORDS.get(phase, phase)}" if phase else ""
     gpu = record.get("gpu") or {}
     limit = (f"the {record.get('budget_text')} of the {gpu['name']}"

@@ -21,6 +21,7 @@ from ..compare.checks import DEFAULT_CHECKS, check_peak_within_budget, check_run
 from ..diagnose.levers import levers_for
 from ..measure import device
 from ..predict.analytic import estimate
+from ..predict.analytic.whole_step import origin_note, whole_step
 from ..record import BudgetSpec, Defaults, predicted_dict
 from ..report import WRITERS, ReportFormat, ReportSession
 from ..report.json import now_iso
@@ -50,6 +51,25 @@ def _measured_from_run(run: Any) -> dict:
             "nvml_peak_bytes": getattr(run, "nvml_peak_bytes", None), "reasons": reasons,
             "run": run.to_dict() if hasattr(run, "to_dict") else {"status": getattr(run, "status", None),
                                                                    "reason": getattr(run, "reason", None)}}
+
+
+def _simulated_whole_step(setup: Any, predicted_estimate: Any, predicted: dict) -> dict:
+    """simulate mode's ``predicted``: the simulated torch tensors plus the estimate's context, allocator slack,
+    vLLM and generation (:func:`~pytest_gpumem.predict.analytic.whole_step.whole_step`), each labelled by
+    origin; ``simulated_peak_bytes`` keeps the simulation's own (torch-only) peak."""
+    simulated = importlib.import_module(mode.SIMULATE_MODULE).simulate(setup)
+    whole = whole_step(simulated, predicted_estimate.breakdown)
+    at_peak = [t for t in whole.largest_tensors if t.get("phase") == whole.peak_phase]
+    if at_peak:
+        top = max(at_peak, key=lambda t: t.get("bytes", 0))
+        largest = (int(top["bytes"]), f"{top['name']} {tuple(top.get('shape', ()))} {top.get('dtype', '')}".strip()
+                   + " (simulate)")
+    else:
+        largest = (predicted["largest_allocation_bytes"], f"{predicted['largest_allocation_name']} (estimate)")
+    return {**whole.to_dict(), "simulated_peak_bytes": simulated.peak_bytes,
+            "assumptions": [origin_note(whole, simulated), *predicted["assumptions"]],
+            "warnings": predicted["warnings"], "largest_allocation_bytes": largest[0],
+            "largest_allocation_name": largest[1]}
 
 
 def _crash_line(report: pytest.TestReport) -> str | None:
@@ -156,10 +176,7 @@ class Manager:
         predicted_estimate = estimate(setup, gpu=gpu)
         predicted = predicted_dict(predicted_estimate, spec if self.mode != "measure" else None)
         if self.mode == "simulate":
-            simulate = importlib.import_module(mode.SIMULATE_MODULE).simulate
-            simulated = simulate(setup)
-            predicted = {**simulated.to_dict(), "assumptions": predicted["assumptions"],
-                         "warnings": predicted["warnings"]}
+            predicted = _simulated_whole_step(setup, predicted_estimate, predicted)
         result = StepResult(self.mode, setup, predicted_estimate, predicted)
         if self.mode == "measure":
             runner = importlib.import_module(mode.RUNNER_MODULE)

@@ -31,7 +31,13 @@ def breakdown_table(breakdown: Breakdown, *, total_bytes: int | None = None) -> 
     rows = [[name] + [format_gib(breakdown.phases[p][name]) if name in breakdown.phases[p] else "-" for p in phases]
             for name in names]
     rows.append(["TOTAL"] + [format_gib(breakdown.total(p)) for p in phases])
-    lines = columns([headers, *rows], right=lambda column: column > 0)
+    if breakdown.origins:  # simulate mode's whole step: which producer each component came from
+        headers.append("origin")
+        for row, name in zip(rows, names):
+            row.append(breakdown.component_origin(name))
+        rows[-1].append("")
+    last = len(headers) - 1 if breakdown.origins else len(headers)
+    lines = columns([headers, *rows], right=lambda column: 0 < column < last)
     lines.append(f"* peak phase: {peak}, {format_gib(breakdown.peak_bytes)}"
                  + (f" of {format_gib(total_bytes)} ({format_gib(total_bytes - breakdown.peak_bytes)} headroom)"
                     if total_bytes else ""))
@@ -148,7 +154,12 @@ def test_section(record: dict) -> str:
     predicted = record.get("predicted")
     if predicted and predicted.get("phases"):
         lines.append("")
-        lines.append(f"{'simulated' if predicted.get('source') == 'simulate' else 'predicted'} breakdown by phase:")
+        if predicted.get("source") == "simulate":
+            title = ("whole step (simulated torch tensors + estimated parts, see origin)" if predicted.get("origins")
+                     else "simulated")
+        else:
+            title = "predicted"
+        lines.append(f"{title} breakdown by phase:")
         lines.append(breakdown_table(Breakdown.from_dict(predicted), total_bytes=record.get("budget_bytes")))
     measured = record.get("measured")
     if measured:

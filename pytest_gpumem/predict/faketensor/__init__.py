@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ...breakdown import Breakdown, PeakJudgement
 from ...errors import GpuMemError
@@ -112,8 +112,9 @@ def simulate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | Non
 
 
 def run_simulation(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | None = None,
-                   *, top_tensors: int = 10) -> Simulation:
-    """Simulate ``setup`` and return the breakdown with assumptions and the largest live tensors.
+                   *, top_tensors: int = 10, progress: Callable[[str], None] | None = None) -> Simulation:
+    """Simulate ``setup`` and return the breakdown with assumptions and the largest live tensors;
+    ``progress(line)`` is told each stage as it starts (the imports, the model build, each traced phase).
 
     Every failure is raised as :class:`SimulationError` (a :class:`~pytest_gpumem.errors.GpuMemError`): the
     simulation runs in-process, so it must never take its caller (a pytest worker) down with it."""
@@ -128,9 +129,11 @@ def run_simulation(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU
             # transformers/PEFT deprecation notices about their own internal calls: nothing a user can act on
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            if progress is not None:
+                progress("importing torch, transformers, peft and trl")
             from . import replay  # torch, transformers, peft and trl: imported when a simulation runs
 
-            state = replay.Replay(setup, spec, top_tensors=top_tensors)
+            state = replay.Replay(setup, spec, top_tensors=top_tensors, progress=progress)
             breakdown = replay.run(state)
     except GpuMemError:
         raise

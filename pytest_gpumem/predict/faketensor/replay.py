@@ -8,6 +8,8 @@ simulation runs, and turns any failure into a SimulationError naming :attr:`Repl
 from __future__ import annotations
 
 import contextlib
+import time
+from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -24,7 +26,10 @@ class Replay:
     """The state of one simulation, shared by its stages: the setup, what it has noted so far, and the live
     objects (tracker, the causal LM whose head computes log-probs, the heads' ids)."""
 
-    def __init__(self, setup: GRPOSetup, spec: ModelSpec, *, top_tensors: int = 10):
+    def __init__(self, setup: GRPOSetup, spec: ModelSpec, *, top_tensors: int = 10,
+                 progress: Callable[[str], None] | None = None):
+        self.progress = progress  # told each stage as it starts (`gpumem simulate`'s progress lines)
+        self._started = time.perf_counter()
         self.stage = "starting"  # what it was doing: a failure's message names it
         self.setup = setup
         self.spec = spec
@@ -35,6 +40,16 @@ class Replay:
         self.tracker: LiveStorageTracker | None = None
         self.causal_lm = None
         self.head_ids: set[int] = set()
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: str) -> None:
+        self._stage = value
+        if self.progress is not None and value != "starting":
+            self.progress(f"{value} ({time.perf_counter() - self._started:.1f} s)")
 
 
 def run(state: Replay) -> Breakdown:
