@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import textwrap
 
@@ -194,10 +195,27 @@ def test_simulate_mode_judges_the_simulation(pytester, monkeypatch):
     assert records(pytester)["test_fits"]["predicted"]["source"] == "simulate"
 
 
+def test_measure_without_a_cuda_device_is_a_usage_error(pytester, monkeypatch):
+    """Not "every test skipped, exit 0": a CI job that meant to measure cannot go green by measuring nothing,
+    with or without --gpu-budget-strict, from the command line or the ini file (issue 11)."""
+    monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure.device"), "cuda_available", lambda: False)
+    write(pytester)
+    for args in (("--gpu-budget=measure",), ("--gpu-budget=measure", "--gpu-budget-strict")):
+        result = pytester.runpytest(*args, *FAST)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*--gpu-budget=measure needs a CUDA device and this machine has none visible*"
+                                     "--gpu-budget=estimate*"])
+    pytester.makeini("[pytest]\ngpu_budget = true\ngpu_budget_mode = measure\n")
+    result = pytester.runpytest(*FAST)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini gpu_budget_mode=measure needs a CUDA device*"])
+
+
 def test_measure_mode_records_and_judges_the_run(pytester, monkeypatch):
     pytester.makepyfile(fake_runner=FAKE_RUNNER)
     pytester.syspathinsert()
     monkeypatch.setattr(plugin_mode, "RUNNER_MODULE", "fake_runner")
+    monkeypatch.setattr(importlib.import_module("pytest_gpumem.measure.device"), "cuda_available", lambda: True)
     setups = {name: {**SETUP, "max_completion_length": length}
               for name, length in (("AGREE", 256), ("DISAGREE", 200), ("OOM", 100), ("SKIP", 64))}
     write(pytester, "import pytest\n" + "".join(f"{k} = {v!r}\n" for k, v in setups.items()) + textwrap.dedent("""
@@ -239,8 +257,6 @@ def test_measure_mode_records_and_judges_the_run(pytester, monkeypatch):
 
 
 def test_auto_measures_on_a_cuda_machine(pytester, monkeypatch):
-    import importlib
-
     pytester.makepyfile(fake_runner=FAKE_RUNNER)
     pytester.syspathinsert()
     monkeypatch.setattr(plugin_mode, "RUNNER_MODULE", "fake_runner")
@@ -298,3 +314,37 @@ def test_xdist_workers_merge_into_one_summary_and_one_json(pytester):
         assert f"test_mod.py::test_{i} " in out
     document = json.loads((pytester.path / "out.json").read_text())
     assert document["session"]["xdist_workers"] == 2
+
+
+# -- nothing to judge ---------------------------------------------------------------------------------------------
+def test_a_budgeted_test_with_nothing_to_judge_is_an_error(pytester):
+    """No setup=, no default setup, no fixture call: an error of that test, never PASSED "not judged" (issue 11).
+    Known at collection (no fixture requested): an error at setup, listed by --collect-only; known only after
+    the body (a fixture requested but never used): the test errors after its body."""
+    write(pytester, """
+        import pytest
+
+        @pytest.mark.gpu_budget(gb=24)
+        def test_bare(): pass
+
+        @pytest.mark.gpu_budget(gb=24)
+        def test_fixture_unused(grpo_step): pass
+
+        @pytest.mark.gpu_budget(gb=24)
+        def test_tracked_nothing(gpu_memory):
+            with gpu_memory.track():
+                pass
+
+        @pytest.mark.gpu_budget(gb=24)
+        def test_called(grpo_step):
+            grpo_step(dict(model="Qwen/Qwen2.5-0.5B", dtype="bfloat16"))
+    """)
+    result = pytester.runpytest("--gpu-budget=estimate", "--gpu-budget-json=out.json", *FAST)
+    result.assert_outcomes(passed=1, errors=3)
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_bare*", "nothing to judge: give setup= or call "
+                                 "grpo_step/gpu_memory*"])
+    tests = records(pytester)
+    assert {name: tests[name]["verdict"] for name in tests} == {
+        "test_bare": "error", "test_fixture_unused": "error", "test_tracked_nothing": "error", "test_called": "passed"}
+    assert tests["test_tracked_nothing"]["reason"].startswith("nothing to judge")
+    assert "not measured: no CUDA device" in tests["test_tracked_nothing"]["reason"]

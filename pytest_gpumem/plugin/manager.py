@@ -22,7 +22,7 @@ from ..diagnose.levers import levers_for
 from ..measure import device
 from ..predict.analytic import estimate
 from ..predict.analytic.whole_step import origin_note, whole_step
-from ..record import BudgetSpec, Defaults, predicted_dict
+from ..record import BudgetSpec, Defaults, judged_peak, predicted_dict
 from ..report import WRITERS, ReportFormat, ReportSession
 from ..report.json import now_iso
 from ..report.text import summary_table, test_section
@@ -32,9 +32,15 @@ from . import mode
 from .baseline_gate import BaselineGate
 from .marker import MARKER, default_spec, describe_error, spec_from_marker
 from .options import report_paths
-from .state import STATE_KEY, GpuBudgetFailure, MarkerArgumentError, StepResult, TestState
+from .state import STATE_KEY, GpuBudgetFailure, MarkerArgumentError, NothingToJudge, StepResult, TestState
 
 REPORT_SECTION = "gpu budget"
+#: a budgeted test that gives the plugin nothing to judge errors (README "The marker"): passing it "not judged"
+#: let a budget silently check nothing
+NOTHING_TO_JUDGE = ("nothing to judge: give setup= or call grpo_step/gpu_memory — the gpu_budget marker gives no "
+                    "setup= and the test neither calls grpo_step(SETUP) nor measures with gpu_memory.track()"
+                    "\n  fix: add setup=dict(model=..., ...) (or a setup file) to the marker, or call "
+                    "grpo_step(SETUP) / `with gpu_memory.track(): ...` in the test")
 #: steps the runner measures (the first builds optimizer states; the second is the steady state)
 MEASURE_STEPS = 2
 
@@ -70,6 +76,12 @@ def _simulated_whole_step(setup: Any, predicted_estimate: Any, predicted: dict) 
             "assumptions": [origin_note(whole, simulated), *predicted["assumptions"]],
             "warnings": predicted["warnings"], "largest_allocation_bytes": largest[0],
             "largest_allocation_name": largest[1]}
+
+
+def _tracker_reason(state: TestState) -> str:
+    reasons = {why for tracker in state.trackers
+               for why in (tracker.measurement.to_dict().get("reasons") or {}).values()}
+    return "; ".join(sorted(reasons)) or "no track() block ran"
 
 
 def _crash_line(report: pytest.TestReport) -> str | None:
@@ -138,6 +150,9 @@ class Manager:
             except Exception as exc:  # noqa: BLE001 - any failure to read a marker is that test's error
                 state.error = describe_error(exc, marker.kwargs if marker is not None else None)
                 self.collection_errors[item.nodeid] = state.error
+            if state.spec is not None and state.spec.setup is None and not uses_fixture:
+                state.error = NOTHING_TO_JUDGE  # it could only ever pass "not judged": an error, as a bad marker
+                self.collection_errors[item.nodeid] = state.error
             item.stash[STATE_KEY] = state
 
     def pytest_runtest_setup(self, item: pytest.Item) -> None:
@@ -156,6 +171,10 @@ class Manager:
         if not state.steps and state.spec.setup is not None:
             state.steps.append(self.run_step(state.spec.setup, state.spec))
         record = self.make_record(item, state)
+        if judged_peak(record)[0] is None:  # grpo_step never called, gpu_memory measured nothing, no setup=
+            state.error = NOTHING_TO_JUDGE + ("\n  (gpu_memory.track() measured nothing: "
+                                              f"{_tracker_reason(state)})" if state.trackers else "")
+            raise NothingToJudge(state.error)
         state.failures = [message for check in self.checks if (message := check(record, state.spec))]
         if state.failures:
             record["reason"] = state.failures[0]  # the whole failure text once the levers are known (below)
@@ -266,6 +285,9 @@ class Manager:
             return
         record = state.record if state.record is not None else (self.make_record(item, state) if state.spec
                                                                  else self._error_record(item, state))
+        if call.excinfo is not None and call.excinfo.errisinstance(NothingToJudge):
+            report.longrepr = state.error
+            report.gpumem_nothing_to_judge = True  # an error of the test, not a failed budget
         budget_failure = call.excinfo is not None and call.excinfo.errisinstance(GpuBudgetFailure)
         if budget_failure:
             report.longrepr = self.failure_text(state)
@@ -275,7 +297,7 @@ class Manager:
         elif report.skipped:
             record["verdict"] = "skipped"
         elif report.failed:
-            record["verdict"] = "error" if report.when == "setup" else "failed"
+            record["verdict"] = "error" if report.when == "setup" or state.error else "failed"
         else:
             record["verdict"] = "passed"
         if record["verdict"] != "passed" and record.get("reason") is None:
@@ -301,12 +323,19 @@ class Manager:
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config):
         if report.when == "call" and report.failed and getattr(report, "gpumem_budget_failure", False):
             return "failed", "G", ("GPU BUDGET", {"red": True})
+        if report.when == "call" and report.failed and getattr(report, "gpumem_nothing_to_judge", False):
+            return "error", "E", ("ERROR", {"red": True})
         return None
 
     # -- session end -----------------------------------------------------------------------------------------
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.is_worker:
             return
+        if self.config.option.collectonly and self.collection_errors and exitstatus == pytest.ExitCode.OK:
+            # `pytest --collect-only --gpu-budget` as a CI lint step: an unreadable marker fails it with the code
+            # pytest itself returns for --collect-only with a collection error (2, INTERRUPTED)
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
+            exitstatus = session.exitstatus
         self.exitstatus = int(exitstatus)
         records = list(self.records.values())
         for writer in self.writers:

@@ -1,12 +1,14 @@
 """The session's mode: off (the plugin inert), estimate, simulate or measure; ``auto`` decided here.
 
 The simulation and the runner are found by module name, so a stripped installation without them is a usage
-error naming the extra to install (and a test can stand in for either).
+error naming the extra to install (and a test can stand in for either). ``measure`` on a machine without a
+CUDA device is a usage error too: it would skip every test and exit 0.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -41,6 +43,12 @@ def resolve_mode(config: pytest.Config) -> tuple[str | None, str]:
         raise pytest.UsageError("pytest-gpumem: --gpu-budget=measure is not available in this installation "
                                 f"({RUNNER_MODULE} is missing); install pytest-gpumem[trl] or use "
                                 "--gpu-budget=estimate")
+    if requested == "measure" and not device.cuda_available():
+        # a CI job that meant to measure must not go green by measuring nothing (every test skipped)
+        raise pytest.UsageError(f"pytest-gpumem: {source}=measure needs a CUDA device and this machine has none "
+                                f"visible ({_no_device_reason()}); run it on a GPU machine, or judge on CPU with "
+                                "--gpu-budget=estimate (or =simulate), or --gpu-budget=auto to estimate where no "
+                                "GPU is present")
     if requested != "auto":
         return requested, f"{source}={requested}"
     if not device.cuda_available():
@@ -48,3 +56,10 @@ def resolve_mode(config: pytest.Config) -> tuple[str | None, str]:
     if not runner_ok:
         return "estimate", f"auto: a CUDA device is present but {RUNNER_MODULE} is not installed, so estimate"
     return "measure", "auto: a CUDA device is present, so measure"
+
+
+def _no_device_reason() -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and (not visible.strip() or visible.strip().startswith("-")):
+        return f"CUDA_VISIBLE_DEVICES={visible!r}"
+    return "no NVIDIA device found"

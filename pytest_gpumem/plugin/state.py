@@ -18,6 +18,10 @@ class GpuBudgetFailure(AssertionError):
     """A budget check failed: the test fails with this message (first line = the one-line reason)."""
 
 
+class NothingToJudge(Exception):
+    """A budgeted test gave nothing to judge (no setup=, no grpo_step call, nothing measured): its error."""
+
+
 class MarkerArgumentError(Exception):
     """Raised at setup of a test whose ``gpu_budget`` marker could not be read at collection."""
 
