@@ -13,14 +13,16 @@ tests run as plain tests and nothing heavy is imported (no torch, ever, from thi
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from . import options
 from .fixtures import gpu_memory, grpo_step  # noqa: F401 - registers the fixtures with pytest
 from .manager import Manager
-from .marker import MARKER_HELP
+from .marker import MARKER, MARKER_HELP
 from .mode import MODES, OFF, resolve_mode
-from .state import MANAGER_KEY, GpuBudgetFailure
+from .state import MANAGER_KEY, GpuBudgetFailure, StepSetupError
 
 __all__ = ["GpuBudgetFailure", "gpu_memory", "grpo_step"]
 
@@ -48,6 +50,35 @@ def pytest_configure(config: pytest.Config) -> None:
     manager = Manager(config, mode, reason, options.read_defaults(config))
     config.stash[MANAGER_KEY] = manager
     config.pluginmanager.register(manager, "gpumem-manager")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """``grpo_step(bad setup)`` reads as a bad marker does — the field, the value, the fix — with or without
+    ``--gpu-budget``, never a traceback through spec.py."""
+    outcome = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(StepSetupError):
+        report = outcome.get_result()
+        report.longrepr = str(call.excinfo.value)
+        report.gpumem_test_error = True
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
+    """A test the plugin could not read (a bad grpo_step setup, nothing to judge) is an error, not a failure."""
+    if report.when == "call" and report.failed and getattr(report, "gpumem_test_error", False):
+        return "error", "E", ("ERROR", {"red": True})
+    return None
+
+
+def pytest_report_collectionfinish(config: pytest.Config, start_path: Any, items: list[pytest.Item]) -> list[str]:
+    """Inert (no ``--gpu-budget``), one line when budgets exist, so a suite never reads as "all passed" while
+    its budgets were silently off."""
+    if config.stash.get(MANAGER_KEY, None) is not None:
+        return []
+    count = sum(1 for item in items if item.get_closest_marker(MARKER) is not None)
+    if not count:
+        return []
+    return [f"gpumem: {count} budgeted test{'s' if count != 1 else ''} not judged — run with --gpu-budget"]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

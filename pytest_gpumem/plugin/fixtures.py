@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from ..errors import MarkerError
+from ..errors import GpuMemError, MarkerError
 from ..measure.block import GpuMemory
 from ..predict.analytic import estimate
 from ..record import predicted_dict
-from .marker import parse_setup
-from .state import MANAGER_KEY, STATE_KEY, StepResult
+from .marker import describe_error, parse_setup
+from .state import MANAGER_KEY, STATE_KEY, StepResult, StepSetupError
 
 
 @pytest.fixture
@@ -46,11 +46,15 @@ def grpo_step(request: pytest.FixtureRequest):
         __tracebackhide__ = True
         if setup is None:
             if state is None or state.spec is None or state.spec.setup is None:
-                raise MarkerError("setup", "grpo_step() was called without a setup and the test's gpu_budget "
-                                  "marker gives none", fix="call grpo_step(SETUP) or add setup= to the marker")
+                raise StepSetupError(describe_error(MarkerError(
+                    "setup", "grpo_step() was called without a setup and the test's gpu_budget marker gives none",
+                    fix="call grpo_step(SETUP) or add setup= to the marker"), given_to="grpo_step()"))
             resolved = state.spec.setup
         else:
-            resolved = parse_setup(setup, base_dirs)
+            try:
+                resolved = parse_setup(setup, base_dirs)
+            except GpuMemError as exc:  # the marker's clean, named error — not a traceback through spec.py
+                raise StepSetupError(describe_error(exc, given_to="grpo_step()")) from None
         if manager is not None:  # --gpu-budget is on: the session's mode, judged when the test is budgeted
             result = manager.run_step(resolved, state.spec if state is not None else None)
             if state is not None:

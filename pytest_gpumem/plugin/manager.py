@@ -32,7 +32,15 @@ from . import mode
 from .baseline_gate import BaselineGate
 from .marker import MARKER, default_spec, describe_error, spec_from_marker
 from .options import report_paths
-from .state import STATE_KEY, GpuBudgetFailure, MarkerArgumentError, NothingToJudge, StepResult, TestState
+from .state import (
+    STATE_KEY,
+    GpuBudgetFailure,
+    MarkerArgumentError,
+    NothingToJudge,
+    StepResult,
+    StepSetupError,
+    TestState,
+)
 
 REPORT_SECTION = "gpu budget"
 #: a budgeted test that gives the plugin nothing to judge errors (README "The marker"): passing it "not judged"
@@ -276,9 +284,11 @@ class Manager:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
         outcome = yield
         state = item.stash.get(STATE_KEY, None)
+        report: pytest.TestReport = outcome.get_result()
         if state is None:
             return
-        report: pytest.TestReport = outcome.get_result()
+        if call.excinfo is not None and call.excinfo.errisinstance(StepSetupError):  # reported by plugin/__init__
+            state.error = str(call.excinfo.value)
         if report.when == "setup" and call.excinfo is not None and call.excinfo.errisinstance(MarkerArgumentError):
             report.longrepr = state.error
         if report.when == "teardown" or (report.when == "setup" and report.passed):
@@ -287,7 +297,7 @@ class Manager:
                                                                  else self._error_record(item, state))
         if call.excinfo is not None and call.excinfo.errisinstance(NothingToJudge):
             report.longrepr = state.error
-            report.gpumem_nothing_to_judge = True  # an error of the test, not a failed budget
+            report.gpumem_test_error = True  # an error of the test, not a failed budget
         budget_failure = call.excinfo is not None and call.excinfo.errisinstance(GpuBudgetFailure)
         if budget_failure:
             report.longrepr = self.failure_text(state)
@@ -323,8 +333,6 @@ class Manager:
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config):
         if report.when == "call" and report.failed and getattr(report, "gpumem_budget_failure", False):
             return "failed", "G", ("GPU BUDGET", {"red": True})
-        if report.when == "call" and report.failed and getattr(report, "gpumem_nothing_to_judge", False):
-            return "error", "E", ("ERROR", {"red": True})
         return None
 
     # -- session end -----------------------------------------------------------------------------------------

@@ -201,16 +201,18 @@ def default_spec(defaults: Defaults) -> BudgetSpec:
                       tolerance=defaults.tolerance, gpu=defaults.gpu, budget_origin="default")
 
 
-def describe_error(exc: BaseException, kwargs: Mapping[str, Any] | None = None) -> str:
-    """The collection-error text: which argument, what was given, what is accepted."""
+def describe_error(exc: BaseException, kwargs: Mapping[str, Any] | None = None,
+                   given_to: str = f"@pytest.mark.{MARKER}") -> str:
+    """The collection-error text: which argument, what was given, what is accepted. ``given_to`` names what
+    received the setup (the marker, or ``grpo_step()``: the same text for the same mistake)."""
     if isinstance(exc, GpuMemError):
         field = exc.shown_field
         # a marker argument (MarkerError, or a check named after one: gpu=) or a key inside setup=
         is_argument = isinstance(exc, MarkerError) or field in ALL_KEYWORDS + ("budget", "positional arguments")
         where = field if is_argument else "setup"
-        text = f"invalid @pytest.mark.{MARKER} argument {field}: {exc.problem}"
+        text = f"invalid {given_to} argument {field}: {exc.problem}"
         if where == "setup" and field != "setup":
-            text = f"invalid setup given to @pytest.mark.{MARKER} — {field}: {exc.problem}"
+            text = f"invalid setup given to {given_to} — {field}: {exc.problem}"
         if exc.fix:
             text += f"\n  fix: {exc.fix}"
         if (where in SIZE_KEYWORDS or where in ("size", "budget", "positional arguments")) and \

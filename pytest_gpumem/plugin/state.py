@@ -22,6 +22,10 @@ class NothingToJudge(Exception):
     """A budgeted test gave nothing to judge (no setup=, no grpo_step call, nothing measured): its error."""
 
 
+class StepSetupError(Exception):
+    """``grpo_step(setup)`` was given a setup that cannot be read: the test errors with the marker's wording."""
+
+
 class MarkerArgumentError(Exception):
     """Raised at setup of a test whose ``gpu_budget`` marker could not be read at collection."""
 
