@@ -130,6 +130,9 @@ class GRPOSetup:
         except OSError as exc:
             raise SetupError("setup", f"cannot read {path}: {exc.strerror or exc}",
                              fix="give the path of a JSON or TOML setup file") from None
+        if not text.strip():  # json's "Expecting value: line 1 column 1" says nothing of the cause
+            raise SetupError("setup", f"{path} is an empty file",
+                             fix='write the setup into it, e.g. {"model": "Qwen/Qwen2.5-0.5B"}; see examples/setups/')
         try:
             if path.suffix.lower() == ".toml":
                 try:
@@ -282,10 +285,15 @@ def _require_int(setup: GRPOSetup, name: str, minimum: int, fix: str) -> None:
         raise SetupError(name, f"must be ≥ {minimum}, got {value}", fix=fix)
 
 
+#: what a user means by a value close to several choices (difflib would pick the legacy "adamw_hf" for "adamw")
+MEANT = {("optim", "adamw"): "adamw_torch"}
+
+
 def _require_choice(setup: GRPOSetup, name: str, choices: tuple) -> None:
     value = getattr(setup, name)
     if value not in choices:
-        suggestion = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        suggestion = ([MEANT[name, value]] if isinstance(value, str) and (name, value) in MEANT
+                      else difflib.get_close_matches(str(value), [str(c) for c in choices], n=1))
         hint = f"did you mean {suggestion[0]!r}? " if suggestion else ""
         raise SetupError(name, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}",
                          fix=f"{hint}use one of {', '.join(repr(c) for c in choices)}")

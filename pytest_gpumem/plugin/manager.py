@@ -24,7 +24,7 @@ from ..predict.analytic import estimate
 from ..predict.analytic.whole_step import origin_note, whole_step
 from ..record import BudgetSpec, Defaults, judged_peak, predicted_dict
 from ..report import WRITERS, ReportFormat, ReportSession
-from ..report.json import now_iso
+from ..report.json import iso_utc, now_iso
 from ..report.text import summary_table, test_section
 from ..units import format_gib
 from ..versions import PACKAGE_VERSION
@@ -381,7 +381,7 @@ class Manager:
         """The session as the report files describe it (the JSON report's ``session``)."""
         config = self.config
         info = {
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started_at)),
+            "started_at": iso_utc(self.started_at),  # the format of finished_at and the baselines: +00:00
             "finished_at": now_iso(), "duration_s": round(time.time() - self.started_at, 3),
             "exitstatus": getattr(self, "exitstatus", None), "mode": self.mode, "mode_reason": self.mode_reason,
             "pytest_args": list(config.invocation_params.args), "rootdir": str(config.rootpath),

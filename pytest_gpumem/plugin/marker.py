@@ -141,7 +141,7 @@ def parse_setup(value: Any, base_dirs: tuple[Path, ...] = (), field: str = "setu
         for candidate in candidates:
             if candidate.is_file():
                 return GRPOSetup.from_file(candidate)
-        looked = ", ".join(str(c.parent) for c in candidates)
+        looked = ", ".join(dict.fromkeys(str(c.parent) for c in candidates))  # the test's folder may be the cwd
         raise MarkerError(field, f"no setup file {text!r} (looked in {looked})",
                           fix="give a path relative to the test file, an absolute path, a dict or a GRPOSetup")
     raise MarkerError(field, f"expected a GRPOSetup, a dict or a path to a setup file, got {value!r} "

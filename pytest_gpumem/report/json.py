@@ -56,6 +56,8 @@ def write(path: str | os.PathLike, document: Mapping[str, Any]) -> Path:
         with handle:
             json.dump(document, handle, indent=2, sort_keys=False, default=_jsonable)
             handle.write("\n")
+        # NamedTemporaryFile creates 0600; a report is read by CI uploaders and people: 0644 like the others
+        os.chmod(handle.name, 0o644)
         os.replace(handle.name, target)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
@@ -70,6 +72,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return str(value)
+
+
+def iso_utc(timestamp: float) -> str:
+    """A Unix time as the report writes every time: ISO 8601 in UTC, seconds, ``+00:00``."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
 def now_iso() -> str:
