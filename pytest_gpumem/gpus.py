@@ -112,8 +112,13 @@ def resolve_gpu(gpu: str | int | float | GPU | None, *, field: str = "gpu") -> G
     gpus = known_gpus()
     if key in gpus:
         return gpus[key]
-    suggestions = difflib.get_close_matches(key, list(gpus), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(repr(s) for s in suggestions)}? " if suggestions else ""
+    by_card = {_normalise(gpu.name): gpu for gpu in gpus.values()}  # the full name as printed works too
+    if key in by_card:
+        return by_card[key]
+    # suggest the names people read (NVIDIA Tesla V100 16GB), not the lookup keys (v10016gb)
+    close = difflib.get_close_matches(key, [*gpus, *by_card], n=6, cutoff=0.5)
+    names = list(dict.fromkeys((gpus.get(k) or by_card[k]).name for k in close))[:3]
+    hint = f"did you mean {' or '.join(repr(name) for name in names)}? " if names else ""
     raise GpuMemError(field, f"unknown GPU {text!r}",
-                      fix=f"{hint}give a size with units ('24GiB', '80GB') or a card name "
-                          f"({', '.join(sorted(gpus)[:12])}, ...)")
+                      fix=f"{hint}give a card name (`gpumem gpus` lists them: L4, T4, A100-80GB, H100, ...) or a "
+                          "size with units ('24GiB', '80GB')")

@@ -10,12 +10,13 @@ from types import ModuleType
 
 from ..errors import GpuMemError
 from ..versions import PACKAGE_VERSION
-from . import estimate, explain, fit, models, run, simulate, table, validate
+from . import estimate, explain, fit, gpus, models, run, simulate, table, validate
 
 #: name -> (module, help). Each module provides add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "estimate": (estimate, "predict the GPU memory of a GRPO setup, phase by phase"),
     "models": (models, "list the built-in model registry"),
+    "gpus": (gpus, "list the GPU names --gpu / gpu= accept, with each card's memory"),
     "simulate": (simulate, "trace the real architecture's GRPO step on CPU (FakeTensorMode), phase by phase"),
     "run": (run, "measure a setup for real: N GRPO steps in a fresh process (GPU or CPU)"),
     "validate": (validate, "measure a matrix of setups on this GPU and write validation/<gpu>-<date>.json"),
@@ -37,9 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def underscores_to_dashes(argv: list[str]) -> list[str]:
+    """``--lora_rank 16`` → ``--lora-rank 16``: a setup file's key names work as flags too."""
+    result = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.partition("=")[0]:
+            head, sep, tail = arg.partition("=")
+            arg = head.replace("_", "-") + sep + tail
+        result.append(arg)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(underscores_to_dashes(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2
@@ -50,4 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `gpumem models | head`
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: quit quietly (no traceback), with the shell's code for SIGINT
+        print(file=sys.stderr)
+        return 130
 

@@ -8,32 +8,96 @@ import json
 import sys
 from dataclasses import fields
 
+from ..backends import BACKENDS
 from ..errors import GpuMemError
 from ..report.text import breakdown_table
-from ..spec import GRPOSetup
+from ..spec import ATTN_IMPLEMENTATIONS, DTYPES, LOGITS_MODES, OPTIMIZERS, VLLM_MODES, GRPOSetup
 from ..units import format_gib
 
-#: setup keys with their own flag (--per-device-train-batch-size ...); the rest go through --setup / --set
-_FLAG_FIELDS = ("model", "backend", "trl_version", "logits", "dtype", "lora_rank", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "steps_per_generation", "num_generations", "max_prompt_length",
-                "max_completion_length", "max_seq_length", "optim", "beta", "vllm_mode",
-                "vllm_gpu_memory_utilization", "attn_implementation")
-_BOOL_FIELDS = ("load_in_4bit", "use_vllm", "vllm_enable_sleep_mode", "use_liger_kernel", "cast_lm_head_to_fp32")
+GPU_HELP = "card name (L4, A100-80GB, H100, ...; `gpumem gpus` lists them) or size (24GiB, 80GB)"
+#: The setup table: every setup key with its own flag — (key, kind, allowed values or None, meaning). The flags,
+#: their help lines (meaning, allowed values, each backend's default from backends.BACKENDS) and the parsing of
+#: their values are all generated from it. Other keys go through --setup / --set.
+SETUP_FLAGS: tuple[tuple[str, str, tuple | None, str], ...] = (
+    ("model", "str", None, "registry name (see `gpumem models`), local model dir / config.json, or inline JSON "
+                           "config"),
+    ("backend", "str", tuple(BACKENDS), "training backend (its defaults apply to the other keys)"),
+    ("trl_version", "str", None, "TRL version whose log-prob path applies (≥ 1.16: chunked)"),
+    ("logits", "str", LOGITS_MODES, "log-prob path; overrides --trl-version"),
+    ("dtype", "str", DTYPES, "weight dtype of the policy"),
+    ("load_in_4bit", "bool", None, "4-bit (NF4) base weights: QLoRA"),
+    ("lora_rank", "int", None, "LoRA rank (unset/null: full fine-tuning)"),
+    ("per_device_train_batch_size", "int", None, "completions per micro-step (b)"),
+    ("gradient_accumulation_steps", "int", None, "micro-steps per optimizer step (GA)"),
+    ("steps_per_generation", "int", None, "micro-steps per generation batch (unset: = GA)"),
+    ("num_generations", "int", None, "completions per prompt (G); the generation batch must divide by it"),
+    ("max_prompt_length", "int", None, "prompt tokens (P)"),
+    ("max_completion_length", "int", None, "completion tokens (C)"),
+    ("max_seq_length", "int", None, "Unsloth style: completion = max_seq_length − max_prompt_length"),
+    ("gradient_checkpointing", "str", ("true", "false", "unsloth"), "checkpoint every decoder layer "
+                                                                     "(unsloth: offloaded to CPU)"),
+    ("optim", "str", tuple(OPTIMIZERS), "optimizer (TRL/transformers name)"),
+    ("beta", "float", None, "KL coefficient; ≠ 0 without LoRA loads a reference model"),
+    ("use_vllm", "bool", None, "generate with vLLM"),
+    ("vllm_mode", "str", VLLM_MODES, "colocate: vLLM on this GPU; server: on other GPUs"),
+    ("vllm_gpu_memory_utilization", "float", None, "fraction of the card colocated vLLM reserves"),
+    ("vllm_enable_sleep_mode", "bool", None, "vLLM releases its KV cache while training"),
+    ("attn_implementation", "str", ATTN_IMPLEMENTATIONS, "attention kernel"),
+    ("use_liger_kernel", "bool", None, "Liger's chunked loss (TRL)"),
+    ("cast_lm_head_to_fp32", "bool", None, "lm_head in fp32"),
+)
+#: defaults that are not a backend's plain value
+_DEFAULT_WORDS = {"model": "required", "trl_version": "the installed trl, else 1.16.0",
+                  "logits": "from --trl-version", "steps_per_generation": "= gradient_accumulation_steps"}
+
+
+def _default_text(name: str) -> str:
+    if name in _DEFAULT_WORDS:
+        return _DEFAULT_WORDS[name]
+    if name == "backend":
+        return "trl"
+
+    def word(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return "unset" if value is None else str(value)
+
+    values = {backend: word(profile.defaults.get(name)) for backend, profile in BACKENDS.items()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{value} ({backend})" for backend, value in values.items())
+
+
+def flag_help(name: str, kind: str, allowed: tuple | None, meaning: str) -> str:
+    """One help line from the setup table: meaning, allowed values, default."""
+    if allowed is not None:
+        values = ", ".join(str(v) for v in allowed)
+    else:
+        values = {"int": "a whole number", "float": "a number", "bool": None, "str": None}[kind]
+    text = meaning + (f"; one of {values}" if allowed is not None else f"; {values}" if values else "")
+    return (text + f"; default: {_default_text(name)}").replace("%", "%%")
 
 
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
-    """--setup FILE|JSON plus one flag per common GRPOSetup key (shared by estimate/simulate/fit/run)."""
-    parser.add_argument("--setup", help="setup file (.json / .toml) or inline JSON")
-    group = parser.add_argument_group("setup keys (override the file)")
-    for name in _FLAG_FIELDS:
-        group.add_argument("--" + name.replace("_", "-"), dest=f"setup_{name}", default=None)
-    for name in _BOOL_FIELDS:
-        group.add_argument("--" + name.replace("_", "-"), dest=f"setup_{name}", default=None,
-                           action=argparse.BooleanOptionalAction)
-    group.add_argument("--gradient-checkpointing", dest="setup_gradient_checkpointing", default=None,
-                       choices=["true", "false", "unsloth"])
+    """--setup FILE|JSON plus one flag per key of :data:`SETUP_FLAGS` (shared by estimate/simulate/fit/table)."""
+    parser.add_argument("--setup", help="setup file (.json / .toml) or inline JSON; the flags below override it; "
+                                        "default: none (then --model is needed)")
+    group = parser.add_argument_group("setup keys (override the file; the same names as in a setup file, "
+                                      "--a-b or --a_b)")
+    for name, kind, allowed, meaning in SETUP_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if kind == "bool":
+            group.add_argument(flag, dest=f"setup_{name}", default=None, action=argparse.BooleanOptionalAction,
+                               help=flag_help(name, kind, allowed, meaning))
+        else:
+            metavar = {"int": "N", "float": "X", "str": "NAME"}[kind]
+            if allowed is not None and len(allowed) <= 3:
+                metavar = "{" + ",".join(str(v) for v in allowed) + "}"
+            group.add_argument(flag, dest=f"setup_{name}", default=None, metavar=metavar,
+                               help=flag_help(name, kind, allowed, meaning))
     group.add_argument("--set", dest="setup_extra", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other setup key, value as JSON (e.g. --set lora_target_modules='[\"q_proj\"]')")
+                       help="any other setup key, value as JSON (e.g. --set lora_target_modules='[\"q_proj\"]'); "
+                            "repeatable; default: none")
 
 
 def setup_from_args(args: argparse.Namespace) -> GRPOSetup:
@@ -43,7 +107,7 @@ def setup_from_args(args: argparse.Namespace) -> GRPOSetup:
         data = {name: getattr(base, name) for name in base.explicit_fields}
         data["model"] = base.model
     known = {f.name for f in fields(GRPOSetup)}
-    for name in _FLAG_FIELDS + _BOOL_FIELDS + ("gradient_checkpointing",):
+    for name, *_ in SETUP_FLAGS:
         value = getattr(args, f"setup_{name}", None)
         if value is None:
             continue
@@ -69,12 +133,16 @@ def load_setup_arg(value: str) -> GRPOSetup:
     return GRPOSetup.from_file(value)
 
 
+#: keys whose value is taken as written (the rest is read as JSON: numbers, true/false, null, lists)
+_STRING_KEYS = {name for name, kind, allowed, _ in SETUP_FLAGS if kind == "str" and name != "gradient_checkpointing"}
+
+
 def _parse_value(name: str, value):
     if not isinstance(value, str):
         return value
     if name == "gradient_checkpointing":
         return {"true": True, "false": False}.get(value, value)
-    if name in ("model", "backend", "trl_version", "logits", "dtype", "optim", "vllm_mode", "attn_implementation"):
+    if name in _STRING_KEYS:
         return value
     try:
         return json.loads(value)

@@ -6,12 +6,12 @@ import argparse
 
 from ..predict.analytic import estimate
 from ..units import format_gib
-from ._setup_args import add_setup_arguments, print_result, setup_from_args
+from ._setup_args import GPU_HELP, add_setup_arguments, print_result, setup_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setup_arguments(parser)
-    parser.add_argument("--gpu", help="card name (L4, A100-80GB, H100, ...) or size (24GiB, 80GB)")
+    parser.add_argument("--gpu", help=GPU_HELP + "; default: none (no verdict, exit 0)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -19,9 +19,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+#: what `gpumem explain` says when it waits on a terminal (a pipe or a file gets no prompt)
+PROMPT = "gpumem explain: paste the error or log, then press Ctrl-D (Ctrl-Z Enter on Windows); Ctrl-C to quit"
+#: the levers need the setup: said once when none is given
+SETUP_HINT = ("(add --setup grpo.json — the setup that failed — for the predicted tensor that failed and the ranked "
+              "levers that fix it)")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.file == "-":
-        text = sys.stdin.read()
+        if sys.stdin.isatty():
+            print(PROMPT, file=sys.stderr, flush=True)
+        try:
+            text = sys.stdin.read()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: quit quietly, as a shell does
+            print(file=sys.stderr)
+            return 130
     else:
         try:
             with open(args.file, encoding="utf-8", errors="replace") as handle:
@@ -39,4 +52,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(result.render())
+        if setup is None:
+            print(SETUP_HINT)
     return 0

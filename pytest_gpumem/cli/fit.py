@@ -9,15 +9,17 @@ from typing import Any
 
 from ..diagnose.fit import DIMENSIONS, EFFECTIVE_BATCH, fit
 from ..units import format_gib
-from ._setup_args import add_setup_arguments, setup_from_args
+from ._setup_args import GPU_HELP, add_setup_arguments, setup_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setup_arguments(parser)
-    parser.add_argument("--gpu", required=True, help="card name (L4, A100-80GB, H100, ...) or size (24GiB, 80GB)")
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of the GPU kept free (default 0.1)")
+    parser.add_argument("--gpu", required=True, help=GPU_HELP + "; required")
+    parser.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of the GPU kept free, 0 to 1 (default: 0.1)")
     parser.add_argument("--keep", action="append", default=None, metavar="NAME",
-                        help=f"a dimension that must not change ({', '.join(DIMENSIONS)}, lora_rank); repeatable")
+                        help=f"a dimension that must not change: one of {', '.join(DIMENSIONS)}, lora_rank; "
+                             "repeatable; default: none")
     parser.add_argument("--allow-batch-change", action="store_true",
                         help="allow fewer completions per optimizer step (default: b × GA is kept)")
     parser.add_argument("--json", action="store_true", help="print JSON")

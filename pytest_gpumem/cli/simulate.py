@@ -16,13 +16,13 @@ from ..predict.analytic.whole_step import origin_note, whole_step
 from ..predict.faketensor import run_simulation
 from ..report.text import breakdown_table
 from ..units import format_gib
-from ._setup_args import add_setup_arguments, print_result, setup_from_args
+from ._setup_args import GPU_HELP, add_setup_arguments, print_result, setup_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setup_arguments(parser)
-    parser.add_argument("--gpu", help="card name (L4, A100-80GB, H100, ...; see `gpumem gpus`) or size (24GiB, "
-                                      "80GB): judge the whole step against it (exit 1 if it does not fit)")
+    parser.add_argument("--gpu", help=GPU_HELP + ": judge the whole step against it (exit 1 if it does not fit); "
+                                      "default: none (no verdict)")
     parser.add_argument("--json", action="store_true", help="print JSON (the estimate's keys + largest_tensors, "
                                                             "and whole_step with --gpu)")
     parser.add_argument("--top", type=int, default=10,

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setup_arguments(parser)  # --model NAME [--backend trl|unsloth] and every other setup key
     parser.add_argument("--sizes", default=",".join(f"{s:g}" for s in TABLE_SIZES_GIB),
                         help="GPU sizes in GiB, comma-separated (default: %(default)s)")
-    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of each GPU kept free (default 0.1)")
+    parser.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of each GPU kept free, 0 to 1 (default: 0.1)")
 
 
 def _sizes(text: str) -> list[float]:
