@@ -19,7 +19,7 @@ from ..measure.oom_message import OomMessage, PhaseGuess, parse, parse_oom
 from ..predict.analytic import estimate
 from ..spec import GRPOSetup
 from ..units import format_gib
-from .levers import Lever, rank_levers
+from .levers import Lever, no_lever_text, rank_levers
 
 
 def tensor_candidates(setup: Any) -> list[dict[str, Any]]:
@@ -154,7 +154,7 @@ class Diagnosis:
                 lines.append("levers (re-estimated, largest saving first):")
                 lines.extend(f"  {i}. {lever.line()}" for i, lever in enumerate(self.levers, 1))
             else:
-                lines.append("no one-step lever lowers the predicted peak")
+                lines.append(no_lever_text(est.peak_bytes))
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)

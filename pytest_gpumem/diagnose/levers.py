@@ -200,13 +200,31 @@ def _apply(setup: Any, changes: Mapping[str, Any]) -> Any:
             return None
 
 
+#: a lever must save at least this fraction of the predicted peak to be shown: the estimate itself is held to the
+#: simulation within 5% (2.0% worst on full-size setups, docs/accuracy.md), so a smaller saving is noise — one
+#: lever once read "saves 0.049 MiB" (issue 11)
+MIN_SAVING_FRACTION = 0.01
+
+
+def min_saving_bytes(peak_bytes: int) -> int:
+    """The smallest saving a lever must make to be listed (:data:`MIN_SAVING_FRACTION` of the peak)."""
+    return max(1, int(peak_bytes * MIN_SAVING_FRACTION))
+
+
+def no_lever_text(peak_bytes: int) -> str:
+    """What to say when no lever passes the threshold."""
+    return (f"no one-step lever saves {format_gib(min_saving_bytes(peak_bytes))} or more "
+            f"({MIN_SAVING_FRACTION:.0%} of the predicted peak): none helps enough to list")
+
+
 def rank_levers(setup: Any, gpu: Any = None, *, budget_bytes: int | None = None, headroom: float = 0.0,
                 phase: str | None = None, n: int | None = None) -> list[Lever]:
     """Every applicable one-step lever, re-estimated, ranked by saving (largest first).
 
     ``setup``: a GRPOSetup (or dict / path) or an :class:`~pytest_gpumem.predict.analytic.Estimate`.
     ``fits_after`` is judged against ``budget_bytes`` when given, else against ``gpu``'s total with
-    ``headroom`` (and vLLM's start-up checks). Levers that save nothing or give an invalid setup are dropped."""
+    ``headroom`` (and vLLM's start-up checks). Levers that save less than :func:`min_saving_bytes` or give an
+    invalid setup are dropped."""
     if isinstance(setup, Estimate):
         before = setup
         gpu = resolve_gpu(gpu) if gpu is not None else setup.gpu
@@ -224,7 +242,7 @@ def rank_levers(setup: Any, gpu: Any = None, *, budget_bytes: int | None = None,
             continue
         after = estimate(after_setup, gpu)
         saves = before.peak_bytes - after.peak_bytes
-        if saves <= 0:
+        if saves < min_saving_bytes(before.peak_bytes):
             continue
         actual = {key: (getattr(base, key), getattr(after_setup, key)) for key in
                   list(changes) + ["num_generations"] if getattr(base, key) != getattr(after_setup, key)}

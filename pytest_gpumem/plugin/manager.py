@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pytest
 
 from ..compare.checks import DEFAULT_CHECKS, check_peak_within_budget, check_run_completed, check_vllm_can_start
-from ..diagnose.levers import levers_for
+from ..diagnose.levers import levers_for, no_lever_text
 from ..measure import device
 from ..predict.analytic import estimate
 from ..predict.analytic.whole_step import origin_note, whole_step
@@ -190,6 +190,7 @@ class Manager:
             if any(check(record, state.spec) for check in (check_peak_within_budget, check_vllm_can_start,
                                                             check_run_completed)):
                 state.levers = self._levers(state)
+                state.wants_levers = True
             record["reason"] = self.failure_text(state, section_hint=False)
             raise GpuBudgetFailure(self.failure_text(state))
 
@@ -275,6 +276,9 @@ class Manager:
                 lines.append(f"top levers (re-estimated by the analytic model, which predicts "
                              f"{format_gib(step.estimate.peak_bytes)} for this setup):")
             lines += [f"  {number}. {line}" for number, line in enumerate(state.levers, 1)]
+        elif state.wants_levers and state.steps:  # too big, and nothing worth listing: say so
+            step = max(state.steps, key=lambda s: s.peak_bytes or 0)
+            lines.append(no_lever_text(step.estimate.peak_bytes))
         if section_hint:
             lines.append(f"(mode {record.get('mode')}; the breakdown by phase is in the '{REPORT_SECTION}' section)")
         return "\n".join(lines)

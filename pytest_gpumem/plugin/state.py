@@ -43,6 +43,7 @@ class TestState:
     record: dict | None = None
     failures: list = field(default_factory=list)
     levers: list = field(default_factory=list)
+    wants_levers: bool = False  # the failure is "too big": levers were asked for (none may pass the threshold)
 
 
 @dataclass
