@@ -182,8 +182,14 @@ def test_table_is_generated_by_fit(capsys):
         assert row.startswith(f"| {size:g} GiB |")
         result = fit(setup, f"{size}GiB", alternatives=False)
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert cells[2] == f"{result.setup.per_device_train_batch_size} × {result.setup.gradient_accumulation_steps}"
-        assert cells[4] == str(result.setup.max_completion_length)
+        # each row says its method and its base precision apart (issue 11: fp32 LoRA beside bf16 LoRA)
+        assert cells[1] == (f"LoRA r={result.setup.lora_rank}" if result.setup.is_lora and not
+                            result.setup.load_in_4bit else cells[1])
+        assert cells[2] == ("NF4" if result.setup.load_in_4bit else
+                            {"float32": "fp32", "bfloat16": "bf16"}[result.setup.dtype])
+        assert cells[3] == f"{result.setup.per_device_train_batch_size} × {result.setup.gradient_accumulation_steps}"
+        assert cells[5] == str(result.setup.max_completion_length)
+    assert "| method | base precision |" in out
     assert table(setup, [24]) == table(setup, [24])  # deterministic
 
 

@@ -13,10 +13,22 @@ from .fit import DEFAULT_KEEP, fit
 TABLE_SIZES_GIB = (8, 12, 16, 24, 40, 48, 80, 141)
 
 
-def _training_label(setup: Any) -> str:
+def _method_label(setup: Any) -> str:
     if not setup.is_lora:
-        return f"full ({'fp32' if setup.dtype == 'float32' else 'bf16' if setup.dtype == 'bfloat16' else 'fp16'})"
+        return "full"
     return f"{'QLoRA' if setup.load_in_4bit else 'LoRA'} r={setup.lora_rank}"
+
+
+def _precision_label(setup: Any) -> str:
+    """The base weights' precision: a row's size depends on it as much as on the method (an fp32 LoRA row beside
+    a bf16 one read as "bigger card, smaller batch" while it was only the precision)."""
+    if setup.load_in_4bit:
+        return "NF4"
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(setup.dtype, str(setup.dtype))
+
+
+def _training_label(setup: Any) -> str:
+    return f"{_method_label(setup)} ({_precision_label(setup)})"
 
 
 def _logprobs_label(setup: Any) -> str:
@@ -40,20 +52,20 @@ def table(setup: Any, sizes_gib: Iterable[float] = TABLE_SIZES_GIB, headroom: fl
     """A Markdown table of :func:`fit` results for ``setup`` on GPUs of ``sizes_gib`` (torch-reported GiB)."""
 
     base = GRPOSetup.coerce(setup)
-    header = ("| GPU | training | b × GA | G | completion | optimizer | checkpointing | log-probs | vLLM | "
-              "predicted peak |")
-    rows = [header, "|" + "---|" * 10]
+    header = ("| GPU | method | base precision | b × GA | G | completion | optimizer | checkpointing | log-probs | "
+              "vLLM | predicted peak |")
+    rows = [header, "|" + "---|" * 11]
     for size in sizes_gib:
         result = fit(base, f"{size}GiB", headroom=headroom, keep=keep, alternatives=False)
         label = f"{size:g} GiB"
         if not result.fits:
             short = result.closest.peak_bytes - result.budget_bytes
             rows.append(f"| {label} | does not fit (short by {format_gib(short)} even with every lever) "
-                        + "| " * 8 + "|")
+                        + "| " * 9 + "|")
             continue
         s = result.setup
         checkpointing = {True: "on", False: "off", "unsloth": "offloaded"}[s.gradient_checkpointing]
-        rows.append(f"| {label} | {_training_label(s)} | {s.per_device_train_batch_size} × "
+        rows.append(f"| {label} | {_method_label(s)} | {_precision_label(s)} | {s.per_device_train_batch_size} × "
                     f"{s.gradient_accumulation_steps} | {s.num_generations} | {s.max_completion_length} | {s.optim} | "
                     f"{checkpointing} | {_logprobs_label(s)} | {_vllm_label(s)} | {format_gib(result.peak_bytes)} |")
     spec = base.model_spec
