@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -163,3 +164,35 @@ def test_xdist_workers_save_every_baseline(project: pytest.Pytester):
     peaks = [baselines[f"test_many.py::test_length[{128 * n}]"]["estimate"]["peak_bytes"] for n in range(1, 17)]
     assert peaks == sorted(peaks) and len(set(peaks)) > 8  # each worker saved its own test's numbers
     assert (project.path / "out.md").read_text().count("| `test_") == 18  # the controller saw every record
+
+
+def test_summary_fits_120_columns_lists_each_failure_once_and_names_a_regression(pytester: pytest.Pytester,
+                                                                                 monkeypatch: pytest.MonkeyPatch):
+    """The terminal summary (issue 11): ≤ 120 columns even with long test ids and reasons, each failure once
+    (pytest's short summary lists it; the plugin's table does not repeat its text), and a regression reads as a
+    regression in the reason column, not as FAILED beside positive headroom."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    long_name = "test_" + "a_very_descriptive_name_" * 4
+    source = TEST_FILE + f"""
+@pytest.mark.gpu_budget(gb=3, setup=dict(model="Qwen/Qwen2.5-0.5B", max_completion_length=LENGTH))
+def {long_name}():
+    pass
+"""
+    pytester.makepyfile(test_budgets=source.format(length=512))
+    pytester.runpytest("--gpu-budget=estimate", "--gpu-budget-save")
+    pytester.makepyfile(test_budgets=source.format(length=2048))
+    result = pytester.runpytest("--gpu-budget=estimate", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2, passed=1)
+    lines = result.stdout.lines
+    start = next(i for i, line in enumerate(lines) if "gpu budget (estimate)" in line)
+    table = lines[start:next(i for i, line in enumerate(lines) if "short test summary info" in line)]
+    table = [line for line in table if str(pytester.path) not in line]  # a path is printed whole
+    assert all(len(line) <= 120 for line in table), max(table, key=len)
+    row = next(line for line in table if "::test_small" in line)
+    # positive headroom, FAILED, and why: the regression
+    assert re.search(r"\+\d+\.\d\d GiB\s+FAILED\s+regression \+\d+\.\d\d GiB$", row.rstrip()), row
+    long_row = next(line for line in table if "descriptive_name" in line and "FAILED" in line)
+    assert long_row.rstrip().endswith("over budget")
+    # each failure's text once: in pytest's short summary, not again in the plugin's
+    assert sum("GPU memory regression:" in line and "test_small" in line for line in lines) == 1
+    assert not any(line.startswith("FAILED ") and ": GPU memory regression" in line for line in lines)

@@ -184,9 +184,9 @@ def test_failure_is_reported_on_the_test_with_one_line_reason_and_section(pytest
     # the terminal summary table: one row per budgeted test
     result.stdout.fnmatch_lines([
         "*= gpu budget (estimate) =*",
-        "test*mode*budget*predicted peak (phase)*measured reserved / NVML*headroom*verdict",
-        "*::test_too_small*estimate*3 GB*GiB (*)*-*-*GiB*FAILED",
-        "*::test_fits*estimate*40 GB*GiB (*)*-*+*GiB*PASSED",
+        "test*budget*peak (phase)*measured res/NVML*headroom*verdict*reason",
+        "*::test_too_small*3 GB*GiB train*-*-*GiB*FAILED*over budget",
+        "*::test_fits*40 GB*GiB train*-*+*GiB*PASSED",
     ])
     assert "INTERNALERROR" not in result.stdout.str()
 
@@ -216,7 +216,7 @@ def test_xfail_keeps_the_reason_in_the_record_and_summary(pytester):
     result.assert_outcomes(xfailed=1)
     assert tests["test_expected"]["verdict"] == "xfailed"
     assert tests["test_expected"]["reason"].startswith("predicted peak")
-    result.stdout.fnmatch_lines(["XFAILED *::test_expected: predicted peak * exceeds the 3 GB = 2.79 GiB budget*"])
+    result.stdout.fnmatch_lines(["XFAILED *::test_expected: predicted peak * exceeds the 3 GB = *"])
 
 
 def test_vllm_that_would_refuse_to_start_fails_even_under_budget(pytester):
@@ -402,7 +402,7 @@ def test_gpu_memory_without_cuda_falls_back_to_the_estimate(pytester):
     assert alone["verdict"] == "error" and alone["predicted"] is None
     assert alone["measured"]["peak_reserved_bytes"] is None
     assert alone["reason"].startswith("nothing to judge: give setup= or call grpo_step/gpu_memory")
-    result.stdout.fnmatch_lines(["*::test_tracked_no_setup*not measured: no CUDA device*ERROR"])
+    result.stdout.fnmatch_lines(["*::test_tracked_no_setup*-*not judged*ERROR*nothing to judge"])
 
 
 def test_gpu_memory_measurement_is_judged(pytester, monkeypatch):
@@ -443,7 +443,7 @@ def test_gpu_memory_measurement_is_judged(pytester, monkeypatch):
     assert tests["test_over"]["measured"]["nvml_peak_bytes"] == 6 * GIB
     assert tests["test_over"]["reason"] == ("measured peak (NVML, device) 6.00 GiB exceeds the 4 GiB = 4.29 GB "
                                             "budget by 2.00 GiB")  # no setup: no largest allocation, no levers
-    result.stdout.fnmatch_lines(["*::test_over*5.00 GiB / 6.00 GiB*-2.00 GiB*FAILED"])
+    result.stdout.fnmatch_lines(["*::test_over*5.00 GiB / 6.00 GiB*-2.00 GiB*FAILED*over budget"])
 
 
 def test_default_budget_applies_to_fixture_users_and_markers_override_it(pytester):
@@ -527,12 +527,11 @@ def test_examples_run_on_cpu_with_one_command(pytester):
     result.stdout.fnmatch_lines([
         "gpumem: mode=estimate (auto: no CUDA device, so estimate)*",
         "*= gpu budget (estimate) =*",
-        "examples/test_full_ft_a100_40gb.py::test_fp32_full_fine_tune_cannot_fit_a100_40gb*XFAILED",
-        "examples/test_full_ft_a100_40gb.py::test_bf16_full_fine_tune_fits_a100_40gb*PASSED",
+        "test_full_ft*_cannot_fit_a100_40gb*XFAILED*over budget",
+        "test_full_ft*_fits_a100_40gb*PASSED",
     ])
     result.stdout.fnmatch_lines([
-        "XFAILED examples/test_l4_story.py::test_seed_config_overruns_the_l4: predicted peak * exceeds the "
-        "22.03 GiB = 23.65 GB of the NVIDIA L4 (24 GB) by *",
+        "XFAILED examples/test_l4_story.py::test_seed_config_overruns_the_l4: predicted peak *",
         "    top levers (each re-estimated):",
         "      1. *",
     ])

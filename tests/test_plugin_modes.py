@@ -253,7 +253,7 @@ def test_measure_mode_records_and_judges_the_run(pytester, monkeypatch):
     assert tests["test_over"]["reason"].startswith("measured peak (NVML, device)")
     assert "test_unbudgeted_step_is_measured_too" not in tests
     result.stdout.fnmatch_lines(["*gpu budget: the measured run was skipped: no CUDA device*"])
-    result.stdout.fnmatch_lines(["*::test_agree*measure*40 GB*GiB (training)*GiB / *GiB*PASSED"])
+    result.stdout.fnmatch_lines(["*::test_agree*40 GB*GiB train*GiB / *GiB*PASSED"])
 
 
 def test_auto_measures_on_a_cuda_machine(pytester, monkeypatch):

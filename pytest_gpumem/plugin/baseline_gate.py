@@ -27,7 +27,8 @@ from ..compare.baseline import (
 )
 from ..errors import GpuMemError
 from ..record import BudgetSpec
-from ..units import Tolerance
+from ..report.text import short_nodeid, wrapped
+from ..units import Tolerance, format_gib
 from .options import ini_bool, ini_value, resolve_path
 
 
@@ -113,11 +114,18 @@ class BaselineGate:
         words = {"missing": "new"} if self.save else {"same": "within tolerance", "missing": "without a baseline"}
         parts = [f"{counts[s]} {words.get(s, s)}" for s in ("grew", "shrank", "same", "missing") if counts.get(s)]
         action = "saved to" if self.save else "compared with"
-        lines = [f"gpu budget baselines {action} {self.store.path}: {', '.join(parts)}"]
+        lines = [f"gpu budget baselines {action} {self.store.path}: {', '.join(parts)}"]  # a path is not wrapped
         for record in compared:
-            status = record["baseline"]["status"]
-            if status in ("grew", "shrank"):
-                lines.append(f"  {status.upper()} {record['nodeid']}: {record['baseline']['message'].splitlines()[0]}")
+            baseline = record["baseline"]
+            if baseline["status"] in ("grew", "shrank"):
+                # the figures only: a regression's whole text is its test's failure, listed once by pytest
+                delta, base = baseline.get("delta_bytes"), baseline.get("peak_bytes")
+                change = "" if delta is None else (f"{'+' if delta >= 0 else '−'}{format_gib(abs(delta))}"
+                                                   + (f" ({delta / base:+.1%})" if base else "")
+                                                   + (f" vs baseline {format_gib(base)}" if base else ""))
+                nodeid = short_nodeid(record["nodeid"], 70)
+                line = f"  {baseline['status'].upper()} {nodeid}: {change or baseline['message']}"
+                lines += wrapped(line, indent="      ")
         if counts.get("missing") and not self.save:
             lines.append("  (record missing baselines with --gpu-budget-save and commit the file)")
         return "\n".join(lines)

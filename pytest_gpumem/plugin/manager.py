@@ -25,7 +25,7 @@ from ..predict.analytic.whole_step import origin_note, whole_step
 from ..record import BudgetSpec, Defaults, judged_peak, predicted_dict
 from ..report import WRITERS, ReportFormat, ReportSession
 from ..report.json import iso_utc, now_iso
-from ..report.text import summary_table, test_section
+from ..report.text import short_nodeid, summary_table, test_section, wrapped
 from ..units import format_gib
 from ..versions import PACKAGE_VERSION
 from . import mode
@@ -369,15 +369,18 @@ class Manager:
         if records:
             for line in summary_table(records):
                 terminalreporter.write_line(line)
-            problems = [r for r in records if r.get("verdict") in ("failed", "error", "xfailed") and r.get("reason")]
-            if problems:
+            # failures and errors are listed once, by pytest's own short summary (GPU BUDGET / ERROR nodeid - why);
+            # an expected failure's text is shown nowhere else
+            expected = [r for r in records if r.get("verdict") == "xfailed" and r.get("reason")]
+            if expected:
                 terminalreporter.write_line("")
-                for record in problems:
+                for record in expected:
                     lines = record["reason"].splitlines()
-                    terminalreporter.write_line(f"{record['verdict'].upper()} {record['nodeid']}: {lines[0]}")
-                    if record["verdict"] == "xfailed":  # an xfail's text is shown nowhere else
-                        for line in lines[1:]:
-                            terminalreporter.write_line(f"    {line}")
+                    for line in wrapped(f"XFAILED {short_nodeid(record['nodeid'], 80)}: {lines[0]}"):
+                        terminalreporter.write_line(line)
+                    for line in lines[1:]:
+                        for part in wrapped(f"    {line}", indent="        "):
+                            terminalreporter.write_line(part)
         for line in self.written:
             terminalreporter.write_line(line)
 

@@ -110,31 +110,86 @@ def _short_gib(num_bytes: int | None) -> str:
     return "-" if num_bytes is None else f"{num_bytes / 2**30:.2f} GiB"
 
 
-def summary_table(records: list[dict]) -> list[str]:
-    """One row per budgeted test: test, mode, budget, predicted peak (phase), measured reserved / NVML,
-    headroom (budget − judged peak) and verdict."""
-    headers = ["test", "mode", "budget", "predicted peak (phase)", "measured reserved / NVML", "headroom", "verdict"]
+#: the terminal summary fits this many columns (a CI log, a laptop terminal)
+SUMMARY_WIDTH = 120
+#: phase names as the summary prints them (the section has the full names)
+SHORT_PHASES = {"persistent": "persist", "generation": "gen", "scoring": "score", "training": "train",
+                "optimizer_step": "optim"}
+#: why a test did not pass, in a word or three: (start of the record's reason, the word); first match wins
+REASON_WORDS = (("nothing to judge", "nothing to judge"), ("invalid setup", "bad setup"),
+                ("invalid @pytest.mark", "bad marker"), ("GPU memory regression", "regression"),
+                ("vLLM would refuse", "vLLM cannot start"), ("prediction and measurement disagree", "pred ≠ measured"),
+                ("the measured GRPO run ran out", "run OOM"), ("the measured GRPO run crashed", "run crashed"),
+                ("the measured GRPO run timed out", "run timed out"), ("--gpu-budget-strict: no baseline",
+                                                                       "no baseline"),
+                ("gpu budget baseline:", "baseline error"))
+
+
+def reason_word(record: dict) -> str:
+    """The summary's reason column: why the test is not PASSED (a regression reads as one, not as FAILED beside
+    positive headroom)."""
+    verdict = record.get("verdict")
+    reason = (record.get("reason") or "").strip()
+    if verdict == "passed" or not verdict:
+        return ""
+    if verdict == "skipped":
+        return "skipped"
+    for start, word in REASON_WORDS:
+        if reason.startswith(start):
+            if word == "regression" and (record.get("baseline") or {}).get("delta_bytes") is not None:
+                return f"regression +{record['baseline']['delta_bytes'] / 2**30:.2f} GiB"
+            return word
+    if " exceeds " in reason.splitlines()[0] if reason else False:
+        return "over budget"
+    return "test failed" if verdict in ("failed", "xfailed") else verdict
+
+
+def short_nodeid(nodeid: str, width: int) -> str:
+    """The node id within ``width``: without its folders first, then elided in the middle (the full id is in
+    pytest's own short summary and in the reports)."""
+    if len(nodeid) <= width:
+        return nodeid
+    path, sep, name = nodeid.partition("::")
+    short = path.rsplit("/", 1)[-1] + sep + name
+    if len(short) <= width:
+        return short
+    head = max(1, min(len(short) // 3, (width - 1) // 3))
+    return short[:head] + "…" + short[-(width - 1 - head):]
+
+
+def wrapped(text: str, width: int = SUMMARY_WIDTH, indent: str = "    ") -> list[str]:
+    """A long summary line wrapped to ``width`` (continuation lines indented)."""
+    return textwrap.wrap(text, width=width, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False) or [""]
+
+
+def summary_table(records: list[dict], width: int = SUMMARY_WIDTH) -> list[str]:
+    """One row per budgeted test — test, budget, peak (phase), measured reserved / NVML, headroom (budget − judged
+    peak), verdict, reason — within ``width`` columns (the test id is elided to fit)."""
+    headers = ["test", "budget", "peak (phase)", "measured res/NVML", "headroom", "verdict", "reason"]
     rows = []
     for record in records:
         predicted = record.get("predicted") or {}
         measured = record.get("measured") or {}
-        predicted_text = "-"
+        peak_text = "-"
         if predicted.get("peak_bytes") is not None:
-            predicted_text = f"{_short_gib(predicted['peak_bytes'])} ({predicted.get('peak_phase')})"
+            phase = predicted.get("peak_phase")
+            peak_text = f"{_short_gib(predicted['peak_bytes'])} {SHORT_PHASES.get(phase, phase)}"
+        measured_text = "-"  # why a figure is missing is in the test's section
         if measured and any(measured.get(k) is not None for k in ("peak_reserved_bytes", "nvml_peak_bytes")):
             measured_text = (f"{_short_gib(measured.get('peak_reserved_bytes'))} / "
                              f"{_short_gib(measured.get('nvml_peak_bytes'))}")
-        elif measured and measured.get("reasons"):
-            measured_text = sorted(set(measured["reasons"].values()))[0].replace("not measured: ", "not measured: ")
-        else:
-            measured_text = "-"
         peak, _ = judged_peak(record)
         budget = record.get("budget_bytes")
         headroom = "-" if budget is None else "not judged" if peak is None else f"{(budget - peak) / 2**30:+.2f} GiB"
         budget_text = (record.get("budget_text") or "-").split(" = ")[0]
-        rows.append([record["nodeid"], record.get("mode") or "-", budget_text, predicted_text, measured_text,
-                     headroom, (record.get("verdict") or "?").upper()])
-    return columns([headers, *rows], right=lambda column: column in (2, 5))
+        rows.append([record["nodeid"], budget_text, peak_text, measured_text, headroom,
+                     (record.get("verdict") or "?").upper(), reason_word(record)])
+    others = [max(len(row[i]) for row in [headers, *rows]) for i in range(1, len(headers))]
+    test_width = max(len("test"), width - sum(others) - 2 * (len(headers) - 1))
+    for row in rows:
+        row[0] = short_nodeid(row[0], test_width)
+    return columns([headers, *rows], right=lambda column: column in (1, 4))
 
 
 def test_section(record: dict) -> str:
