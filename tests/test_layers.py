@@ -1,7 +1,8 @@
 """Who may import whom (README "Layout"), checked on the AST of every module of the package.
 
 - a folder imports only the folders its row of :data:`MAY_IMPORT` names (the pipeline's arrows run one way);
-- ``pytest`` is imported only in ``plugin/``, ``argparse`` only in ``cli/``, and nothing imports ``cli``;
+- ``pytest`` is imported only in ``plugin/``, ``argparse`` only in ``cli/``, and nothing imports ``cli`` or ``trl``
+  (the training-script callback: it imports transformers at its top);
 - the measurement child never imports the runner that starts it;
 - an intra-package import inside a function is allowed only when the module it imports is heavy (imports
   torch, transformers, ... at its top) or is listed in :data:`LAZY`, with why — never to dodge a cycle;
@@ -22,7 +23,7 @@ HEAVY = {"torch", "transformers", "trl", "peft", "vllm", "unsloth", "pynvml", "d
          "accelerate", "datasets", "tokenizers"}
 ROOT_LAYER = "vocabulary"
 LAYERS = ("predict.analytic", "predict.faketensor", "predict", "measure", "diagnose", "compare", "report",
-          "plugin", "cli")
+          "plugin", "cli", "trl")
 EVERYTHING = {ROOT_LAYER, *LAYERS}
 #: layer -> the layers (or single modules) it may import besides itself
 MAY_IMPORT: dict[str, set[str]] = {
@@ -34,8 +35,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "diagnose": {ROOT_LAYER, "predict.analytic", f"{PACKAGE}.measure.oom_message"},
     "compare": {ROOT_LAYER, "predict.analytic", "measure", "diagnose"},
     "report": {ROOT_LAYER},
-    "plugin": EVERYTHING - {"cli"},
-    "cli": EVERYTHING - {"plugin"},
+    "plugin": EVERYTHING - {"cli", "trl"},
+    "cli": EVERYTHING - {"plugin", "trl"},
+    "trl": {ROOT_LAYER, "predict.analytic", "measure", "diagnose"},
     "facade": {ROOT_LAYER, "predict.analytic", "predict.faketensor"},
 }
 #: (importer, imported) pairs allowed inside a function though the imported module is light, and why
@@ -181,6 +183,10 @@ def test_a_planted_layer_violation_fails():
     assert any("imports pytest_gpumem.cli" in p for p in _planted(compare__bad="from ..cli import main\n"))
     assert _planted(diagnose__ok="from ..measure.oom_message import parse_oom\n") == []
     assert _planted(diagnose__bad="from ..measure.runner import run\n") != []
+    assert f"{PACKAGE}.plugin.bad (plugin) imports {PACKAGE}.trl.callback (trl)" in _planted(
+        plugin__bad="from ..trl import callback\n")
+    assert _planted(trl__ok="from ..diagnose.explain import diagnose\nfrom ..measure.nvml import nvml\n") == []
+    assert _planted(trl__bad="from ..compare import checks\n") != []
 
 
 def test_planted_pytest_argparse_and_child_imports_fail():
