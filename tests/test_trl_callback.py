@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -205,6 +206,64 @@ def test_the_ridge_keeps_the_prior_until_the_tokens_spread():
     assert spread.fit().tokens_reaching(GIB + 300_000 * 30000) == pytest.approx(30000, rel=0.01)
 
 
+class FakeCuda:
+    """torch.cuda as the callback reads it, with a settable peak: the per-step path without a GPU."""
+
+    def __init__(self):
+        self.peak_bytes, self.resets = 0, 0
+
+    def is_available(self):
+        return True
+
+    def current_device(self):
+        return 0
+
+    def get_device_properties(self, index):
+        return SimpleNamespace(name="Fake GPU", total_memory=24 * GIB, uuid=None)
+
+    def mem_get_info(self, index):
+        return 20 * GIB, 24 * GIB
+
+    def memory_reserved(self, index):
+        return 2 * GIB
+
+    def reset_peak_memory_stats(self, index):
+        self.resets += 1
+
+    def max_memory_reserved(self, index):
+        return self.peak_bytes + 256 * MIB
+
+    def max_memory_allocated(self, index):
+        return self.peak_bytes
+
+
+def test_measured_steps_become_log_keys_and_feed_the_slope(run, monkeypatch):
+    trainer, *_ = run
+    cuda = FakeCuda()
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    stream = io.StringIO()
+    callback = GpuMemCallback(setup=REAL_SETUP, stream=stream)
+    args = SimpleNamespace(device=SimpleNamespace(type="cuda", index=0))
+    callback.start(trainer, args=args)
+    # 24 GiB card, 20 free, 2 reserved by us: 2 GiB outside PyTorch, 0.5 of it the CUDA context the estimate counts
+    assert callback.gpu.total_bytes == 22.5 * GIB and "less 1536 MiB in use outside" in callback.gpu.name
+    assert callback.reasons["nvml_used_bytes"].startswith("not measured: ")
+    base = callback.estimate.peak_bytes + 15 * GIB
+    for step, completion in ((1, 100), (2, 200)):
+        state = SimpleNamespace(global_step=step, log_history=[{"loss": 0.0, "step": step}])
+        callback.on_step_begin(args, state, None)
+        cuda.peak_bytes = int(base + 400 * 1024 * 8 * completion)
+        callback.on_step_end(args, state, None)
+        logs = {"loss": 0.0, "completions/max_length": float(completion)}
+        callback.on_log(args, state, None, logs=logs)
+        assert logs["gpumem/peak_allocated_gib"] == pytest.approx(cuda.peak_bytes / GIB)
+        assert logs["gpumem/peak_reserved_gib"] == pytest.approx(cuda.peak_bytes / GIB + 0.25)
+        assert "gpumem/nvml_used_gib" not in logs and "gpumem/projected_peak_gib" in logs
+        assert state.log_history[-1]["gpumem/tokens_per_micro_batch"] == 8 * (256 + completion)
+    assert cuda.resets == 2 and len(callback.slope.points) == 2
+    assert "at the current slope this run reaches" in stream.getvalue() and "of 22.50 GiB" in stream.getvalue()
+
+
 # -- when it happens anyway ------------------------------------------------------------------------------------------
 def _real_oom() -> str:
     record = next(r for r in json.loads((FIXTURES / "oom-messages.json").read_text()) if r["id"] == "torch-oom-014")
@@ -230,13 +289,18 @@ def test_explain_oom_diagnoses_the_real_message_and_reraises():
     assert "gpumem: predicted " in printed and "gpumem: levers (re-estimated, largest saving first):" in printed
 
 
-def test_explain_oom_is_silent_on_other_errors(run):
-    trainer, *_ = run
+def test_explain_oom_uses_the_callbacks_setup_and_is_silent_on_other_errors(run):
+    trainer, callback, *_ = run
     stream = io.StringIO()
+    with pytest.raises(torch.OutOfMemoryError):
+        with explain_oom(trainer, stream=stream, levers=20):
+            raise torch.OutOfMemoryError(_real_oom())
+    assert "LoRA rank halved: lora_rank 4 → 2" in stream.getvalue()  # the LoRA setup the callback read
+    quiet = io.StringIO()
     with pytest.raises(KeyError):
-        with explain_oom(trainer, stream=stream):
+        with explain_oom(trainer, stream=quiet):
             raise KeyError("not memory")
-    assert stream.getvalue() == ""
+    assert quiet.getvalue() == ""
 
 
 # -- several processes ---------------------------------------------------------------------------------------------
