@@ -144,6 +144,21 @@ def test_on_overrun_warn_prints_the_shortfall_and_trains_on(run):
     assert "WILL NOT FIT" in block and "training anyway (on_overrun='warn')" in block
 
 
+def test_a_setup_that_cannot_be_estimated_says_why_and_trains_on(run):
+    trainer, *_ = run
+    stream = io.StringIO()
+    broken = {"max_completion_length": 0}
+    callback = GpuMemCallback(setup_overrides=broken, stream=stream)
+    assert callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model) is trainer.control
+    assert stream.getvalue().startswith("gpumem: cannot estimate this run (SetupError: max_completion_length: must be")
+    assert callback.setup is None and callback.on_log(trainer.args, trainer.state, None, logs={"loss": 1.0}) is None
+    from pytest_gpumem.errors import SetupError
+
+    with pytest.raises(SetupError, match="max_completion_length"):
+        GpuMemCallback(setup_overrides=broken, on_overrun="raise", stream=io.StringIO()).on_train_begin(
+            trainer.args, trainer.state, trainer.control, model=trainer.model)
+
+
 def test_bad_arguments_name_the_field():
     from pytest_gpumem.errors import GpuMemError
 

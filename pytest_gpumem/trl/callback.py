@@ -168,7 +168,16 @@ class GpuMemCallback(TrainerCallback):
         started = time.perf_counter()
         trainer, handler = self._find_trainer()
         self._move_after_default_flow(handler)
-        self.start(trainer, args=args, model=model, optimizer=optimizer)
+        try:
+            self.start(trainer, args=args, model=model, optimizer=optimizer)
+        except Exception as exc:
+            if self.on_overrun == "raise":  # asked to stop unless the run is known to fit: it is not known
+                raise
+            # a guard must not be what kills the run: say why there is no estimate, and train on unmeasured
+            self.setup, self.estimate, self._torch = None, None, None
+            self._print(f"{PREFIX}cannot estimate this run ({type(exc).__name__}: {exc}); training continues "
+                        "without GpuMemCallback (on_overrun='raise' stops instead)")
+            return control
         self.start_seconds = time.perf_counter() - started
         if self.on_overrun == "raise" and self._any_rank_overruns:
             raise PredictedOverrunError("setup", self._overrun_line, fix="apply a lever above (each is re-estimated), "
