@@ -19,7 +19,7 @@ pytest.importorskip("trl", reason="trl is in the test extra")
 torch = pytest.importorskip("torch")
 
 from pytest_gpumem.measure.child import tiny  # noqa: E402
-from pytest_gpumem.trl import GpuMemCallback, PredictedOverrunError, explain_oom, ranks  # noqa: E402
+from pytest_gpumem.trl import GpuMemCallback, PredictedOverrunError, explain_oom, live, ranks  # noqa: E402
 from pytest_gpumem.trl.callback import NO_CUDA  # noqa: E402
 from pytest_gpumem.trl.slope import SlopeWatch  # noqa: E402
 from pytest_gpumem.units import GIB, MIB  # noqa: E402
@@ -166,6 +166,34 @@ def test_bad_arguments_name_the_field():
         GpuMemCallback(on_overrun="stop")
     with pytest.raises(GpuMemError, match="headroom: must be a fraction"):
         GpuMemCallback(headroom=10)
+    with pytest.raises(GpuMemError, match="A100 comes as 40 GB and 80 GB"):
+        GpuMemCallback(gpu="A100")
+    with pytest.raises(GpuMemError, match="did you mean 'max_completion_length'"):
+        GpuMemCallback(setup={"model": "Qwen/Qwen2.5-0.5B", "max_completion_lenght": 10})
+
+
+def test_the_live_reader_handles_chat_prompts_optimizers_and_several_processes():
+    from datasets import Dataset
+
+    tokenizer = tiny.build_tokenizer(64)
+    chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": "w3 w4 w5"}],
+                                          [{"role": "user", "content": "w6"}]]})
+    assert live.longest_prompt_tokens(chats, tokenizer) == (3, "longest of all 2 prompts")
+    assert live.longest_prompt_tokens(Dataset.from_dict({"text": ["a"]}), tokenizer)[0] is None
+    weights = [torch.nn.Parameter(torch.zeros(2))]
+    assert live.optimizer_name(torch.optim.AdamW(weights, fused=False)) == "adamw_torch"
+    assert live.optimizer_name(SimpleNamespace(optimizer=torch.optim.SGD(weights, lr=0.1))) == "sgd"  # accelerate
+    assert live.optimizer_name(torch.optim.Adagrad(weights)) is None
+    # 4 processes: TRL needs b × world × steps_per_generation = 2 × 4 × 1 divisible by G = 8, not b × 1
+    model = tiny.build_model(tiny.build_config(tiny.TINY_QWEN2_CONFIG))
+    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1, steps_per_generation=1,
+                           num_generations=8, max_prompt_length=64, max_completion_length=32, world_size=4)
+    setup, notes = live.setup_from_trainer(None, args=args, model=model)
+    assert setup.per_device_train_batch_size == 2 and any("4 processes" in note for note in notes)
+    if hasattr(setup, "world_size"):  # the setup models several processes (issue 13)
+        assert setup.world_size == 4
+    else:  # estimated per process, with the largest group size the per-process batch divides
+        assert setup.num_generations == 2
 
 
 # -- the early warning ----------------------------------------------------------------------------------------

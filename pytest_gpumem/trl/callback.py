@@ -36,6 +36,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 
 from ..diagnose.levers import levers_for
 from ..errors import GpuMemError
+from ..gpus import resolve_gpu
 from ..measure.nvml import nvml_handle, nvml_memory
 from ..measure.snapshot import torch_device_uuid
 from ..predict.analytic import Estimate, estimate
@@ -100,8 +101,10 @@ class GpuMemCallback(TrainerCallback):
                               fix="on_overrun='warn' prints and trains on; 'raise' stops before the first step")
         if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
             raise GpuMemError("headroom", f"must be a fraction in [0, 1), got {headroom!r}", fix="e.g. headroom=0.1")
-        self.gpu_argument, self.on_overrun, self.headroom, self.num_levers = gpu, on_overrun, headroom, levers
-        self.setup_argument = setup
+        # user errors in the arguments surface here, in the user's own line, not at the start of training
+        self.gpu_argument = resolve_gpu(gpu) if gpu is not None else None
+        self.setup_argument = GRPOSetup.coerce(setup) if setup is not None else None
+        self.on_overrun, self.headroom, self.num_levers = on_overrun, headroom, levers
         self.setup_overrides = dict(setup_overrides or {})
         self.stream = stream
         self.setup: GRPOSetup | None = None

@@ -90,7 +90,7 @@ def longest_prompt_tokens(dataset: Any, tokenizer: Any, max_rows: int = PROMPT_S
     try:
         rows = len(dataset)
         column = dataset["prompt"] if hasattr(dataset, "column_names") else None
-    except (TypeError, KeyError):
+    except (TypeError, KeyError, ValueError):  # datasets raises ValueError for a missing column
         return None, "the training set has no 'prompt' column"
     if column is None or rows == 0:
         return None, "the training set has no 'prompt' column"
