@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ from pytest_gpumem.trl.callback import NO_CUDA  # noqa: E402
 from pytest_gpumem.trl.slope import SlopeWatch  # noqa: E402
 from pytest_gpumem.units import GIB, MIB  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
 PROMPT_TOKENS, COMPLETION_TOKENS, BATCH = 12, 16, 4
 
 
@@ -80,6 +82,8 @@ def test_the_start_block_gives_peak_phase_headroom_and_largest_allocation(run):
     assert "card: 24GiB (24.00 GiB), headroom +23." in block
     assert f"largest single allocation: {callback.estimate.largest_allocation_name}" in block
     assert "WILL NOT FIT" not in block
+    assert ("per step, not measured: no CUDA device: gpumem/peak_reserved_gib, gpumem/peak_allocated_gib, "
+            "gpumem/nvml_used_gib left out of the logs") in block
     assert "measured per rank:" in printed  # the end-of-run summary (one rank here)
 
 
@@ -372,7 +376,9 @@ def test_gather_collects_every_rank_over_a_real_process_group(tmp_path):
         f"dist.init_process_group('gloo', init_method='file://{tmp_path}/rendezvous', rank=rank, world_size=2)\n"
         "print(ranks.rank_and_world(), [row['rank'] for row in ranks.gather({'rank': rank})])\n"
         "dist.destroy_process_group()\n")
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank)], stdout=subprocess.PIPE, text=True)
+    # this checkout's package, whatever is installed (an editable install of another tree would shadow it)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank)], stdout=subprocess.PIPE, text=True, env=env)
              for rank in (0, 1)]
     outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
     assert outputs == ["(0, 2) [0, 1]", "(1, 2) [0, 1]"]

@@ -245,6 +245,11 @@ class GpuMemCallback(TrainerCallback):
         top = ", ".join(f"{name} {format_gib(num)}" for name, num in est.breakdown.top_components(est.peak_phase, 4))
         lines.append(f"{est.peak_phase} phase: {top}")
         lines.extend(f"note: {note}" for note in self.notes + list(est.warnings))
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.reasons.items():
+            by_reason.setdefault(reason, []).append(f"gpumem/{name.replace('_bytes', '_gib')}")
+        lines.extend(f"per step, {reason}: {', '.join(keys)} left out of the logs"
+                     for reason, keys in by_reason.items())
         if self._fits() is False:
             self._overrun_line = (f"predicted peak {format_gib(est.peak_bytes)} does not fit {self.gpu.name} "
                                   f"({format_gib(self.gpu.total_bytes)}"
