@@ -34,7 +34,7 @@ from typing import Any, Mapping, TextIO
 from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
-from ..diagnose.levers import levers_for
+from ..diagnose.levers import levers_for, no_lever_text
 from ..errors import GpuMemError
 from ..gpus import resolve_gpu
 from ..measure.nvml import nvml_handle, nvml_memory
@@ -267,7 +267,7 @@ class GpuMemCallback(TrainerCallback):
     def _lever_lines(self, budget_bytes: float, excess_bytes: float = 0.0) -> list[str]:
         levers = levers_for(self.estimate, budget_bytes=int(budget_bytes - excess_bytes), n=self.num_levers)
         if not levers:
-            return ["no one-step lever lowers the predicted peak"]
+            return [no_lever_text(self.estimate.peak_bytes)]
         head = "top levers (each re-estimated" + (f"; 'fits' counts the measured {format_gib(excess_bytes)} above the "
                                                   "estimate" if excess_bytes else "") + "):"
         return [head] + [f"  {i}. {lever.line()}" for i, lever in enumerate(levers, 1)]
