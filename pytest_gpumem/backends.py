@@ -20,6 +20,10 @@ NEWEST_MODELLED_TRL = "1.16.0"
 #: First TRL release whose GRPOTrainer computes log-probs with the fused/chunked lm_head
 #: (``trl/kernels/chunked_logprob.py``, ``add_fused_lm_head``); earlier ones materialise (b, C+1, V) logits.
 FIRST_CHUNKED_TRL = (1, 16)
+#: The newest vLLM / Unsloth releases whose memory behaviour is modelled (predict/analytic/vllm.py); a setup
+#: without the package installed is predicted for these
+NEWEST_MODELLED_VLLM = "0.20.0"
+NEWEST_MODELLED_UNSLOTH = "2026.3.4"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,15 @@ class VllmIntegration:
     shares_weights: bool = False
     #: ``vllm_mode="server"`` (vLLM on other GPUs) is available
     server_mode: bool = True
+    #: the ``max_num_seqs`` passed to vLLM when the setup does not say: None = the generation batch (TRL:
+    #: ``max_num_seqs=per_device_train_batch_size × steps_per_generation``, trl/trainer/grpo_trainer.py)
+    default_max_num_seqs: int | None = None
+    #: the ``max_num_batched_tokens`` passed to vLLM: None = max_seq_length (Unsloth: every logged Unsloth
+    #: start-up has max_num_batched_tokens == max_model_len, tests/data/realworld/vllm-startup-logs.json)
+    default_max_num_batched_tokens: int | None = None
+    #: vLLM is started with ``enable_lora=True`` (Unsloth's load_vllm): LoRA slots of ``max_lora_rank`` for every
+    #: supported Linear are allocated with the weights
+    enables_lora: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,8 @@ class Backend:
 TRL = Backend(
     name="trl", label="TRL", lora_defaults_from="PEFT", logits_follow_trl_version=True, loads_by_name_in_fp32=True,
     adapters_bf16_on_4bit_base=True, liger_kernel=True, simulated=True,
-    vllm=VllmIntegration(policy_loaded_first=True),
+    # trl/generation/vllm_generation.py: LLM(..., max_num_batched_tokens=4096)
+    vllm=VllmIntegration(policy_loaded_first=True, default_max_num_batched_tokens=4096),
     defaults={
         "dtype": "float32",  # a model given by name loads in fp32 unless model_init_kwargs sets dtype
         "load_in_4bit": False,
@@ -110,7 +124,9 @@ TRL = Backend(
 
 UNSLOTH = Backend(
     name="unsloth", label="Unsloth", lora_defaults_from="Unsloth", model_head_logprobs=False, nf4_double_quant=True,
-    vllm=VllmIntegration(budget_excludes_context=True, shares_weights=True, server_mode=False),
+    # unsloth_zoo/vllm_utils.py load_vllm(max_num_seqs=256, "Default vLLM 256", enable_lora=True, max_loras=1)
+    vllm=VllmIntegration(budget_excludes_context=True, shares_weights=True, server_mode=False,
+                         default_max_num_seqs=256, enables_lora=True),
     resets_indivisible_batch=True, offloaded_checkpointing=True, package="unsloth", needs_cuda=True,
     defaults={
         "dtype": "bfloat16",
