@@ -208,6 +208,10 @@ def reservation(ctx: Ctx) -> dict[str, int]:
         kv_cache = setup.generation_batch_size * ctx.spec.kv_cache_bytes(setup.seq_len)
         ctx.notes.assumptions.append("no GPU given: vLLM's KV cache sized for one generation batch; on a card it "
                                      "fills gpu_memory_utilization × total — pass gpu= for the real reservation")
+    if ctx.backend.vllm.default_max_num_seqs and "vllm_max_num_seqs" not in setup.explicit_fields:
+        ctx.notes.assumptions.append(
+            f"max_num_seqs not given: {setup.vllm_max_num_seqs} assumed (load_vllm's default); Unsloth releases pick "
+            "it from the memory left (128–320 in public start-up logs) — pass max_num_seqs as your run prints it")
     ctx.notes.assumptions.append(
         f"vllm {setup.vllm_version}: CUDA graphs {'inside' if inside else 'on top of'} the utilisation budget; "
         f"profile run of max_num_seqs={setup.vllm_max_num_seqs}, "
