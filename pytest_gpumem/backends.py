@@ -83,6 +83,14 @@ class Backend:
     resets_indivisible_batch: bool = False
     #: ``gradient_checkpointing="unsloth"`` (checkpoints offloaded to CPU) is available
     offloaded_checkpointing: bool = False
+    #: transformers builds the padded batch's 4-D b·L² mask in training; Unsloth's fast models do not
+    #: (unsloth/models/llama.py ``LlamaModel_fast_forward``: ``elif self.training: attention_mask = None``,
+    #: padding zeroed in the embeddings instead)
+    builds_4d_mask: bool = True
+    #: the GRPO loss runs the micro-batch's rows in ``unsloth_grpo_mini_batch`` separate forward passes
+    #: (unsloth_zoo rl_replacements.py ``grpo_accumulated_loss``: ``batch_size = ceil(total_samples / B)`` rows a
+    #: pass), so checkpointed layers recompute one pass's tokens in backward
+    mini_batch_passes: bool = False
     #: the FakeTensor simulation replays this backend's step (predict/faketensor)
     simulated: bool = False
     #: a measured run needs a CUDA device
@@ -128,6 +136,7 @@ UNSLOTH = Backend(
     vllm=VllmIntegration(budget_excludes_context=True, shares_weights=True, server_mode=False,
                          default_max_num_seqs=256, enables_lora=True),
     resets_indivisible_batch=True, offloaded_checkpointing=True, package="unsloth", needs_cuda=True,
+    builds_4d_mask=False, mini_batch_passes=True,
     defaults={
         "dtype": "bfloat16",
         "load_in_4bit": True,

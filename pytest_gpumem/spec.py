@@ -97,6 +97,7 @@ class GRPOSetup:
     max_lora_rank: int | None = None
     offload_embedding: bool | None = None
     load_in_fp8: bool | None = None
+    unsloth_grpo_mini_batch: int | None = None
     #: names of the fields the user gave (the rest are backend defaults); filled automatically
     explicit_fields: frozenset = field(default=frozenset(), compare=False)
     #: notes made while resolving defaults (e.g. Unsloth's batch-size reset); read by the estimate
@@ -482,6 +483,15 @@ def _resolve_engine_keys(setup: GRPOSetup, backend: Backend) -> None:
     if setup.vllm_max_num_batched_tokens is None:
         _set(setup, "vllm_max_num_batched_tokens", backend.vllm.default_max_num_batched_tokens or setup.seq_len)
     _require_int(setup, "vllm_max_num_batched_tokens", 1, "use a positive max_num_batched_tokens")
+    if setup.unsloth_grpo_mini_batch is not None:
+        if not backend.mini_batch_passes:
+            raise SetupError("unsloth_grpo_mini_batch", "the mini-batch passes are Unsloth's GRPO loss",
+                             fix="use backend='unsloth', or drop unsloth_grpo_mini_batch")
+        _require_int(setup, "unsloth_grpo_mini_batch", 1, "use the number of passes the rows are split into (≥ 1)")
+        if setup.unsloth_grpo_mini_batch > setup.generation_batch_size:
+            raise SetupError("unsloth_grpo_mini_batch", f"{setup.unsloth_grpo_mini_batch} passes exceed the "
+                             f"generation batch of {setup.generation_batch_size} rows (Unsloth refuses it)",
+                             fix=f"use at most {setup.generation_batch_size}")
     if setup.max_lora_rank is None and setup.lora_rank is not None:
         _set(setup, "max_lora_rank", setup.lora_rank)
     if setup.max_lora_rank is not None:

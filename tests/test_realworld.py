@@ -14,6 +14,9 @@ import pytest
 
 from pytest_gpumem import GRPOSetup, estimate
 from pytest_gpumem.compare.realworld import check_all, component_tally, markdown
+from pytest_gpumem.errors import SetupError
+from pytest_gpumem.predict.analytic.activations import recomputed_layer
+from pytest_gpumem.predict.analytic.context import Ctx
 from pytest_gpumem.predict.analytic.vllm import sampler_bytes_per_logit, standby_utilization
 from pytest_gpumem.units import GIB
 
@@ -133,3 +136,24 @@ def test_offload_embedding_takes_the_input_embedding_off_the_gpu():
     kept = estimate(base).breakdown.phases["persistent"]["weights"]
     offloaded = estimate({**base, "offload_embedding": True}).breakdown.phases["persistent"]["weights"]
     assert kept - offloaded > 0.3 * GIB
+
+
+def test_unsloth_builds_no_padding_mask_and_recomputes_one_mini_batch_pass():
+    """unsloth/models/llama.py drops the 4-D mask in training; grpo_accumulated_loss runs ceil(b / passes) rows
+    per forward, so a checkpointed layer recomputes one pass's tokens in backward."""
+    base = dict(model="Qwen/Qwen3-4B", backend="unsloth", load_in_4bit=False, lora_rank=32, max_prompt_length=1024,
+                max_completion_length=15360, per_device_train_batch_size=4, num_generations=4, use_vllm=False)
+    assert estimate(base).breakdown.phases["training"].get("attention_mask", 0) == 0
+    trl = estimate({**base, "backend": "trl", "gradient_checkpointing": True}).breakdown.phases["training"]
+    assert trl["attention_mask"] >= 4 * 16384 ** 2  # TRL/transformers' b·L² bool mask
+    one = recomputed_layer(Ctx.of(GRPOSetup.from_dict(base), None))
+    four = recomputed_layer(Ctx.of(GRPOSetup.from_dict({**base, "unsloth_grpo_mini_batch": 4}), None))
+    assert one / four == pytest.approx(4.0)
+
+
+def test_unsloth_mini_batch_is_checked_like_unsloth_does():
+    with pytest.raises(SetupError, match="unsloth_grpo_mini_batch"):
+        GRPOSetup.from_dict(dict(model="Qwen/Qwen3-4B", backend="unsloth", unsloth_grpo_mini_batch=64,
+                                 per_device_train_batch_size=4, num_generations=4))
+    with pytest.raises(SetupError, match="Unsloth's GRPO loss"):
+        GRPOSetup.from_dict(dict(model="Qwen/Qwen3-4B", unsloth_grpo_mini_batch=2))

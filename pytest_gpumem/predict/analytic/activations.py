@@ -135,7 +135,7 @@ def recomputed_layer(ctx: Ctx) -> int:
     """The block being processed in backward, at its worst moment: under checkpointing its recomputed
     activations, per-layer mask copy and weight casts plus the backward temporaries; without, only the
     temporaries (its saved activations are counted with the others)."""
-    tokens = ctx.tokens
+    tokens = ctx.pass_tokens  # Unsloth's mini-batch passes recompute one pass at a time
     temporaries = tokens * recompute_temporaries_per_token(ctx)
     if not ctx.setup.gradient_checkpointing:
         return temporaries
@@ -149,7 +149,7 @@ def mask_bytes(ctx: Ctx) -> int:
     in the model's dtype for eager; FlashAttention none (docs/memory-model.md §2)."""
     setup, spec = ctx.setup, ctx.spec
     b, length = setup.per_device_train_batch_size, setup.seq_len
-    if setup.attn_implementation.startswith("flash"):
+    if setup.attn_implementation.startswith("flash") or not ctx.backend.builds_4d_mask:
         return 0
     kinds = 2 if (spec.num_sliding_layers and spec.num_full_attention_layers and spec.sliding_window
                   and spec.sliding_window < length) else 1
@@ -163,7 +163,7 @@ def mask_copy_bytes(ctx: Ctx) -> int:
     (``convert_boolean_attn_mask``) and the kernel keeps it for backward: b·L² × 2 bytes per layer
     (seen in the FakeTensor simulation as ``where`` outputs, one per layer)."""
     setup = ctx.setup
-    if setup.attn_implementation != "sdpa":
+    if setup.attn_implementation != "sdpa" or not ctx.backend.builds_4d_mask:
         return 0
     return setup.per_device_train_batch_size * setup.seq_len ** 2 * ctx.compute_bytes
 

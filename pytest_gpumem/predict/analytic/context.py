@@ -64,3 +64,13 @@ class Ctx:
     def tokens(self) -> int:
         """Tokens of one micro-batch: ``b · L``."""
         return self.setup.per_device_train_batch_size * self.setup.seq_len
+
+    @property
+    def pass_tokens(self) -> int:
+        """Tokens of one forward pass of the loss: the micro-batch, or one of Unsloth's ``unsloth_grpo_mini_batch``
+        passes (``ceil(b / passes)`` rows; None: one pass — Unsloth's autotune depends on the free memory)."""
+        passes = self.setup.unsloth_grpo_mini_batch
+        if not (passes and self.backend.mini_batch_passes):
+            return self.tokens
+        b = self.setup.per_device_train_batch_size
+        return -(-b // min(passes, b)) * self.setup.seq_len
