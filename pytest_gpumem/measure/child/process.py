@@ -352,6 +352,8 @@ class Child:
             kwargs.update(bf16=bf16, fp16=setup.fp16 if setup.fp16 is not None else setup.dtype == "float16")
         else:
             kwargs.update(use_cpu=True, bf16=False, fp16=False)
+        if setup.unsloth_grpo_mini_batch is not None:  # a field of Unsloth's patched GRPOConfig only
+            kwargs["unsloth_grpo_mini_batch"] = setup.unsloth_grpo_mini_batch
         known = {f.name for f in dataclasses.fields(GRPOConfig)}
         dropped = sorted(k for k in kwargs if k not in known)
         for name in dropped:
