@@ -96,8 +96,9 @@ def weight_bytes(ctx: Ctx) -> int:
 def sampler_bytes_per_logit(vllm_version: str, max_num_seqs: int) -> int:
     """Bytes per element of (max_num_seqs, vocab) live at the profile run's sampler peak, by mechanism:
 
-    * before 0.17 (V0 and V1's PyTorch top-k/top-p, ``apply_top_k_top_p`` → ``logits.sort``): the model's
-      16-bit logits (2) and their fp32 copy (4, sampler.py ``logits.to(torch.float32)``) stay alive while
+    * before 0.17 (V0: vllm/model_executor/layers/sampler.py 0.8.5 l. 270 ``logits.to(torch.float)``, l. 392
+      ``logits.sort``; V1: vllm/v1/sample/ops/topk_topp_sampler.py 0.10.2 l. 145 ``logits.sort`` — the same in
+      0.11.2–0.16, where FlashInfer is opt-in): the model's 16-bit logits (2) and their fp32 copy (4) stay alive while
       torch sorts: sorted values (4) and int64 indices (8), and inside ``launch_stable_sort_kernel``
       (aten/src/ATen/native/cuda/Sort.cu) — for ≥ 128 rows ``segmented_sort_pairs``: int64 reverse indices
       (8) and cub's double buffers for keys and values (4 + 8) = **38**; for < 128 rows
