@@ -108,8 +108,9 @@ def sampler_bytes_per_logit(vllm_version: str, max_num_seqs: int) -> int:
       log-softmax for TRL's ``logprobs_mode="processed_logprobs"`` (4), softmax (4), the exponential draw
       ``q`` (4) and ``probs.div(q)`` (4) beside the 2 + 4 of the logits = **22**.
 
-    FlashInfer's sampler (V1 before 0.17 when flashinfer is installed; opt-in from 0.17) needs less: not
-    modelled, so the estimate errs high there."""
+    FlashInfer's sampler (14 B: logits 2 + 4, the top-k-masked logits 4 and their softmax 4) is used by V1 0.10.x
+    when flashinfer is installed (an extra there; ``VLLM_USE_FLASHINFER_SAMPLER`` None means on) and is opt-in by
+    0.11.2: not modelled, so the estimate errs high there."""
     if parse_version(vllm_version)[:2] >= FIRST_TRITON_TOPK_TOPP and max_num_seqs >= 8:
         return 2 + 4 + 4 + 4 + 4 + 4
     if max_num_seqs >= 128:
