@@ -184,7 +184,7 @@ class GRPOSetup:
                      "num_iterations", "num_generations", "max_prompt_length", "max_completion_length",
                      "gradient_checkpointing", "beta", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization",
                      "vllm_enable_sleep_mode", "vllm_importance_sampling_correction", "use_liger_kernel",
-                     "cast_lm_head_to_fp32"):
+                     "cast_lm_head_to_fp32", "bf16", "fp16"):
             value = getattr(grpo_config, name, None)
             if value is not None:
                 data[name] = value
