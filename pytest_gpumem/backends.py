@@ -20,6 +20,10 @@ NEWEST_MODELLED_TRL = "1.16.0"
 #: First TRL release whose GRPOTrainer computes log-probs with the fused/chunked lm_head
 #: (``trl/kernels/chunked_logprob.py``, ``add_fused_lm_head``); earlier ones materialise (b, C+1, V) logits.
 FIRST_CHUNKED_TRL = (1, 16)
+#: The newest vLLM / Unsloth releases whose memory behaviour is modelled (predict/analytic/vllm.py); a setup
+#: without the package installed is predicted for these
+NEWEST_MODELLED_VLLM = "0.20.0"
+NEWEST_MODELLED_UNSLOTH = "2026.3.4"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,15 @@ class VllmIntegration:
     shares_weights: bool = False
     #: ``vllm_mode="server"`` (vLLM on other GPUs) is available
     server_mode: bool = True
+    #: the ``max_num_seqs`` passed to vLLM when the setup does not say: None = the generation batch (TRL:
+    #: ``max_num_seqs=per_device_train_batch_size × steps_per_generation``, trl/trainer/grpo_trainer.py)
+    default_max_num_seqs: int | None = None
+    #: the ``max_num_batched_tokens`` passed to vLLM: None = max_seq_length (Unsloth: every logged Unsloth
+    #: start-up has max_num_batched_tokens == max_model_len, tests/data/realworld/vllm-startup-logs.json)
+    default_max_num_batched_tokens: int | None = None
+    #: vLLM is started with ``enable_lora=True`` (Unsloth's load_vllm): LoRA slots of ``max_lora_rank`` for every
+    #: supported Linear are allocated with the weights
+    enables_lora: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,14 @@ class Backend:
     resets_indivisible_batch: bool = False
     #: ``gradient_checkpointing="unsloth"`` (checkpoints offloaded to CPU) is available
     offloaded_checkpointing: bool = False
+    #: transformers builds the padded batch's 4-D b·L² mask in training; Unsloth's fast models do not
+    #: (unsloth/models/llama.py ``LlamaModel_fast_forward``: ``elif self.training: attention_mask = None``,
+    #: padding zeroed in the embeddings instead)
+    builds_4d_mask: bool = True
+    #: the GRPO loss runs the micro-batch's rows in ``unsloth_grpo_mini_batch`` separate forward passes
+    #: (unsloth_zoo rl_replacements.py ``grpo_accumulated_loss``: ``batch_size = ceil(total_samples / B)`` rows a
+    #: pass), so checkpointed layers recompute one pass's tokens in backward
+    mini_batch_passes: bool = False
     #: the FakeTensor simulation replays this backend's step (predict/faketensor)
     simulated: bool = False
     #: a measured run needs a CUDA device
@@ -81,7 +102,8 @@ class Backend:
 TRL = Backend(
     name="trl", label="TRL", lora_defaults_from="PEFT", logits_follow_trl_version=True, loads_by_name_in_fp32=True,
     adapters_bf16_on_4bit_base=True, liger_kernel=True, simulated=True,
-    vllm=VllmIntegration(policy_loaded_first=True),
+    # trl/generation/vllm_generation.py: LLM(..., max_num_batched_tokens=4096)
+    vllm=VllmIntegration(policy_loaded_first=True, default_max_num_batched_tokens=4096),
     defaults={
         "dtype": "float32",  # a model given by name loads in fp32 unless model_init_kwargs sets dtype
         "load_in_4bit": False,
@@ -110,8 +132,11 @@ TRL = Backend(
 
 UNSLOTH = Backend(
     name="unsloth", label="Unsloth", lora_defaults_from="Unsloth", model_head_logprobs=False, nf4_double_quant=True,
-    vllm=VllmIntegration(budget_excludes_context=True, shares_weights=True, server_mode=False),
+    # unsloth_zoo/vllm_utils.py load_vllm(max_num_seqs=256, "Default vLLM 256", enable_lora=True, max_loras=1)
+    vllm=VllmIntegration(budget_excludes_context=True, shares_weights=True, server_mode=False,
+                         default_max_num_seqs=256, enables_lora=True),
     resets_indivisible_batch=True, offloaded_checkpointing=True, package="unsloth", needs_cuda=True,
+    builds_4d_mask=False, mini_batch_passes=True,
     defaults={
         "dtype": "bfloat16",
         "load_in_4bit": True,

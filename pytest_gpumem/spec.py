@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .architectures import architecture
-from .backends import BACKENDS, FIRST_CHUNKED_TRL, NEWEST_MODELLED_TRL, Backend
+from .backends import (
+    BACKENDS,
+    FIRST_CHUNKED_TRL,
+    NEWEST_MODELLED_TRL,
+    NEWEST_MODELLED_UNSLOTH,
+    NEWEST_MODELLED_VLLM,
+    Backend,
+)
 from .errors import SetupError
 from .models import ModelSpec, resolve_model
 from .versions import installed_version_once, parse_version
@@ -39,7 +46,9 @@ OPTIMIZERS = {
 
 #: Keys accepted as other spellings of a field.
 ALIASES = {"gpu_memory_utilization": "vllm_gpu_memory_utilization", "torch_dtype": "dtype",
-           "r": "lora_rank", "target_modules": "lora_target_modules", "fast_inference": "use_vllm"}
+           "r": "lora_rank", "target_modules": "lora_target_modules", "fast_inference": "use_vllm",
+           # vLLM's engine-argument names (Unsloth's load_vllm passes them through)
+           "max_num_seqs": "vllm_max_num_seqs", "max_num_batched_tokens": "vllm_max_num_batched_tokens"}
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -75,6 +84,20 @@ class GRPOSetup:
     attn_implementation: str | None = None
     use_liger_kernel: bool | None = None
     cast_lm_head_to_fp32: bool | None = None
+    # -- precision (TrainingArguments' mixed-precision flags): bf16=False with fp32 weights is pure fp32
+    bf16: bool | None = None
+    fp16: bool | None = None
+    # -- the vLLM engine (see pytest_gpumem/predict/analytic/vllm.py for what each version changes)
+    vllm_version: str | None = None
+    vllm_max_num_seqs: int | None = None
+    vllm_max_num_batched_tokens: int | None = None
+    # -- Unsloth's own names (FastLanguageModel.from_pretrained / UNSLOTH_VLLM_STANDBY)
+    unsloth_version: str | None = None
+    unsloth_vllm_standby: bool | None = None
+    max_lora_rank: int | None = None
+    offload_embedding: bool | None = None
+    load_in_fp8: bool | None = None
+    unsloth_grpo_mini_batch: int | None = None
     #: names of the fields the user gave (the rest are backend defaults); filled automatically
     explicit_fields: frozenset = field(default=frozenset(), compare=False)
     #: notes made while resolving defaults (e.g. Unsloth's batch-size reset); read by the estimate
@@ -161,7 +184,7 @@ class GRPOSetup:
                      "num_iterations", "num_generations", "max_prompt_length", "max_completion_length",
                      "gradient_checkpointing", "beta", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization",
                      "vllm_enable_sleep_mode", "vllm_importance_sampling_correction", "use_liger_kernel",
-                     "cast_lm_head_to_fp32"):
+                     "cast_lm_head_to_fp32", "bf16", "fp16"):
             value = getattr(grpo_config, name, None)
             if value is not None:
                 data[name] = value
@@ -420,6 +443,56 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
         raise SetupError("vllm_mode", "Unsloth runs vLLM in-process (fast_inference); server mode is TRL's",
                          fix="use vllm_mode='colocate' with backend='unsloth'")
 
+    _resolve_engine_keys(setup, backend)
+
     # the model must resolve (unknown names are errors with close matches)
     resolve_model(setup.model)
     _set(setup, "resolution_notes", tuple(notes))
+
+
+def _resolve_engine_keys(setup: GRPOSetup, backend: Backend) -> None:
+    """Precision, the vLLM engine and Unsloth's own keys (issue 12): versions default to the installed
+    packages (as ``trl_version`` does), else the newest modelled release."""
+    for name in ("bf16", "fp16"):
+        if getattr(setup, name) is not None:
+            _require_bool(setup, name)
+    if setup.bf16 and setup.fp16:
+        raise SetupError("fp16", "bf16 and fp16 are both true (TrainingArguments refuses that)", fix="keep one")
+    for name, package, newest in (("vllm_version", "vllm", NEWEST_MODELLED_VLLM),
+                                  ("unsloth_version", "unsloth", NEWEST_MODELLED_UNSLOTH)):
+        if getattr(setup, name) is None:
+            _set(setup, name, installed_version_once(package) or newest)
+        value = getattr(setup, name)
+        if not isinstance(value, str) or parse_version(value) == (0,):
+            raise SetupError(name, f"cannot read {value!r} as a version", fix=f"e.g. {newest!r}")
+    for name in ("unsloth_vllm_standby", "offload_embedding", "load_in_fp8"):
+        if getattr(setup, name) is None:
+            _set(setup, name, False)
+        _require_bool(setup, name)
+    if setup.unsloth_vllm_standby and setup.backend != "unsloth":
+        raise SetupError("unsloth_vllm_standby", "standby is Unsloth's (UNSLOTH_VLLM_STANDBY=1)",
+                         fix="use backend='unsloth', or vllm_enable_sleep_mode=true for TRL's sleep mode")
+    if setup.load_in_fp8 and not (setup.backend == "unsloth" and setup.use_vllm):
+        raise SetupError("load_in_fp8", "FP8 weights are modelled for Unsloth's fast_inference (vLLM's FP8 "
+                         "checkpoint, shared with training) only", fix="use backend='unsloth' with use_vllm=true")
+    if setup.load_in_fp8 and setup.load_in_4bit:
+        raise SetupError("load_in_fp8", "load_in_fp8 and load_in_4bit are both true", fix="keep one")
+    if setup.vllm_max_num_seqs is None:
+        _set(setup, "vllm_max_num_seqs", backend.vllm.default_max_num_seqs or setup.generation_batch_size)
+    _require_int(setup, "vllm_max_num_seqs", 1, "use a positive max_num_seqs (sequences vLLM schedules at once)")
+    if setup.vllm_max_num_batched_tokens is None:
+        _set(setup, "vllm_max_num_batched_tokens", backend.vllm.default_max_num_batched_tokens or setup.seq_len)
+    _require_int(setup, "vllm_max_num_batched_tokens", 1, "use a positive max_num_batched_tokens")
+    if setup.unsloth_grpo_mini_batch is not None:
+        if not backend.mini_batch_passes:
+            raise SetupError("unsloth_grpo_mini_batch", "the mini-batch passes are Unsloth's GRPO loss",
+                             fix="use backend='unsloth', or drop unsloth_grpo_mini_batch")
+        _require_int(setup, "unsloth_grpo_mini_batch", 1, "use the number of passes the rows are split into (≥ 1)")
+        if setup.unsloth_grpo_mini_batch > setup.generation_batch_size:
+            raise SetupError("unsloth_grpo_mini_batch", f"{setup.unsloth_grpo_mini_batch} passes exceed the "
+                             f"generation batch of {setup.generation_batch_size} rows (Unsloth refuses it)",
+                             fix=f"use at most {setup.generation_batch_size}")
+    if setup.max_lora_rank is None and setup.lora_rank is not None:
+        _set(setup, "max_lora_rank", setup.lora_rank)
+    if setup.max_lora_rank is not None:
+        _require_int(setup, "max_lora_rank", 1, "use a positive max_lora_rank (vLLM's LoRA slot rank)")

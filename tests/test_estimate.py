@@ -333,6 +333,7 @@ def test_from_trl_reads_real_config_objects():
     assert (setup.per_device_train_batch_size, setup.num_generations, setup.max_completion_length) == (4, 4, 128)
     assert setup.lora_rank == 8 and setup.lora_target_modules == ("k_proj", "q_proj")
     assert setup.beta == 0.04 and setup.optim == config.optim.value
+    assert setup.bf16 is False  # the config's precision flags are read: fp32 weights + bf16=False = pure fp32
 
 
 # -- units and GPUs -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..compare.plan import order, plan_text
 from ..compare.validation import (
     CANDIDATES,
     DEFAULT_STEPS,
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", metavar="SIZE_OR_NAME",
                         help="size the matrix for this GPU instead of the one at hand (e.g. 24GiB, L4)")
     parser.add_argument("--list", action="store_true", help="print the matrix with predicted peaks and exit")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the runs in the order they will run (one per component family first), each "
+                             "one's predicted peak and expected run time, and the total; then exit")
     parser.add_argument("--fresh", action="store_true", help="rerun entries already measured today")
     parser.add_argument("--max-minutes", type=float, metavar="MINUTES",
                         help="start no new setup after this long (rerun to resume)")
@@ -59,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise GpuMemError("--only", f"unknown setup name(s): {', '.join(unknown)}",
                               fix="see `gpumem validate --list`")
+    entries = order(entries, args.steps)
+    if args.plan:
+        print(plan_text(entries, gpu["name"], gpu["total_bytes"], args.steps))
+        return 0
     if args.list:
         print(f"matrix for {gpu['name']} ({format_gib(gpu['total_bytes'])}), {len(entries)} setups:")
         for entry in entries:

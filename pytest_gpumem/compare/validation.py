@@ -36,6 +36,7 @@ from ..measure.runner import run as run_setup
 from ..predict.analytic import estimate
 from ..spec import GRPOSetup
 from ..units import format_gib
+from .plan import expected_seconds
 
 SCHEMA = "pytest-gpumem/validation/1"
 #: |predicted − measured| / measured allowed for a committed measurement (the CI gate)
@@ -210,8 +211,10 @@ def run_matrix(entries: list[MatrixEntry], path: Path, gpu: Mapping[str, Any], *
                runner: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Measure ``entries`` one by one, rewriting ``path`` (and its ``.md``) after each.
 
-    ``resume``: entries already in the file with status ok/oom are kept and not rerun. ``max_seconds``: no
-    new run starts after this budget (the next call resumes). Returns the document.
+    ``resume``: entries already in the file with status ok/oom are kept and not rerun. ``max_seconds``: the
+    session's budget — a run is not started when its expected time (:func:`~.plan.expected_seconds`) no longer
+    fits what is left, and a started run's timeout is cut to what is left, so the budget holds; every finished
+    run is already written. The next call resumes. Returns the document.
     """
     runner = runner or run_setup
     path = Path(path)
@@ -222,13 +225,19 @@ def run_matrix(entries: list[MatrixEntry], path: Path, gpu: Mapping[str, Any], *
     for index, entry in enumerate(entries, 1):
         if entry.name in done:
             continue
-        if max_seconds is not None and time.monotonic() - started > max_seconds:
-            if progress:
-                progress(f"time budget of {max_seconds:g}s used: stopping before {entry.name} (rerun to resume)")
-            break
+        run_timeout_s = timeout_s
+        if max_seconds is not None:
+            left = max_seconds - (time.monotonic() - started)
+            expected = expected_seconds(entry.setup, steps)
+            if expected > left:
+                if progress:
+                    progress(f"time budget: {entry.name} is expected to take {expected:.0f}s, {max(left, 0):.0f}s "
+                             "left: skipped (rerun to resume)")
+                continue
+            run_timeout_s = min(timeout_s, left)
         if progress:
             progress(f"[{index}/{len(entries)}] {entry.name}: {entry.why}")
-        result = runner(entry.setup, steps=steps, device=device, timeout_s=timeout_s, progress=progress)
+        result = runner(entry.setup, steps=steps, device=device, timeout_s=run_timeout_s, progress=progress)
         total = (result.data.get("device") or {}).get("total_bytes") or gpu.get("total_bytes")
         if (result.data.get("device") or {}).get("total_bytes"):
             document["gpu"]["torch_total_bytes"] = result.data["device"]["total_bytes"]

@@ -118,6 +118,9 @@ class Child:
         backend = TRAINER_BACKENDS[setup.backend]
 
         t0 = time.perf_counter()
+        if setup.unsloth_vllm_standby:
+            # read from the environment when unsloth is imported (unsloth_zoo vllm_utils.py, load_vllm)
+            os.environ["UNSLOTH_VLLM_STANDBY"] = "1"
         backend.import_first()
         import datasets  # noqa: F401
         import transformers  # noqa: F401
@@ -344,9 +347,13 @@ class Child:
             generation_kwargs=generation_kwargs,
         )
         if self.cuda:
-            kwargs.update(bf16=setup.dtype != "float16", fp16=setup.dtype == "float16")
+            # the setup's own mixed-precision flags when given (bf16=False with fp32 weights: pure fp32)
+            bf16 = setup.bf16 if setup.bf16 is not None else (setup.dtype != "float16" and not setup.fp16)
+            kwargs.update(bf16=bf16, fp16=setup.fp16 if setup.fp16 is not None else setup.dtype == "float16")
         else:
             kwargs.update(use_cpu=True, bf16=False, fp16=False)
+        if setup.unsloth_grpo_mini_batch is not None:  # a field of Unsloth's patched GRPOConfig only
+            kwargs["unsloth_grpo_mini_batch"] = setup.unsloth_grpo_mini_batch
         known = {f.name for f in dataclasses.fields(GRPOConfig)}
         dropped = sorted(k for k in kwargs if k not in known)
         for name in dropped:

@@ -29,21 +29,23 @@ def linear_inputs_saved(ctx: Ctx, x_bytes: int, consumers: tuple, features: int)
     frozen base keeps nothing; a LoRA adapter keeps its own bf16 copy (PEFT casts the input to the
     adapter's fp32 dtype, autocast back to bf16) unless adapter and input are both bf16 (QLoRA)."""
     trained = not ctx.setup.is_lora
-    adapter_bf16 = ctx.adapters_bf16
+    c = ctx.compute_bytes
+    # pure fp32: adapters, inputs and compute are all fp32, so the adapter shares the input too
+    adapter_shares = (ctx.adapters_bf16 and x_bytes == 2) or c == 4
     targets = ctx.lora_targets
     shared, private = False, 0
     for name in consumers:
         if trained:
-            if x_bytes == 2:
+            if x_bytes == c:
                 shared = True
             else:
-                private += 2 * features
+                private += c * features
         if name in targets:
-            if adapter_bf16 and x_bytes == 2:
+            if adapter_shares:
                 shared = True
             else:
-                private += 2 * features
-    return (2 * features if shared else 0) + private
+                private += c * features
+    return (c * features if shared else 0) + private
 
 
 def norm_saved(ctx: Ctx, x_bytes: int, features: int, consumers: tuple = ()) -> int:
@@ -70,8 +72,9 @@ def layer_activation_bytes_per_token(ctx: Ctx) -> int:
     r = ctx.residual_bytes
     trained = not setup.is_lora
     gemma = architecture(spec.model_type).gemma_norms
-    # autocast Linears emit bf16; bitsandbytes' Linear4bit casts its output back to the input's dtype
-    out_bytes = r if setup.load_in_4bit else 2
+    c = ctx.compute_bytes
+    # autocast Linears emit bf16 (pure fp32: fp32); bitsandbytes' Linear4bit casts its output to the input's dtype
+    out_bytes = r if setup.load_in_4bit else c
     per_token = norm_saved(ctx, r, h, ("q_proj", "k_proj", "v_proj"))
     if spec.qk_norm:
         for features in (q, kv):
@@ -83,11 +86,11 @@ def layer_activation_bytes_per_token(ctx: Ctx) -> int:
     attn = setup.attn_implementation
     if attn.startswith("flash"):
         # varlen: unpadded q/k/v copies, output, fp32 LSE; the padded output copy feeds o_proj
-        per_token += 2 * q + 4 * kv + 2 * q + 4 * heads + 2 * q
+        per_token += c * q + 2 * c * kv + c * q + 4 * heads + c * q
     else:
-        per_token += 2 * q + 2 * kv_saved + 2 * q
-        per_token += 6 * heads * setup.seq_len if attn == "eager" else 4 * heads
-    if "o_proj" in ctx.lora_targets and not ctx.adapters_bf16:
+        per_token += c * q + c * kv_saved + c * q
+        per_token += (4 + c) * heads * setup.seq_len if attn == "eager" else 4 * heads
+    if "o_proj" in ctx.lora_targets and not ctx.adapters_bf16 and c == 2:
         per_token += 2 * q
     if gemma:  # post-attention norm on o_proj's output
         per_token += norm_saved(ctx, out_bytes, h)
@@ -120,18 +123,19 @@ def recompute_temporaries_per_token(ctx: Ctx) -> int:
     product, the activation and up (3 × 2I) minus the product already released, plus the incoming hidden
     gradient; LoRA on down_proj — PEFT's fp32 copy of its input (4I) is alive too."""
     inter, h = active_intermediate(ctx), ctx.spec.hidden_size
+    scale = ctx.compute_bytes // 2  # pure fp32: every one of these temporaries is fp32
     if not ctx.setup.is_lora:
-        return 4 * inter + 2 * h
+        return (4 * inter + 2 * h) * scale
     if "down_proj" in ctx.lora_targets and not ctx.adapters_bf16:
-        return 6 * inter + 10 * h
-    return 4 * inter + 9 * h
+        return (6 * inter + 10 * h) * scale
+    return (4 * inter + 9 * h) * scale
 
 
 def recomputed_layer(ctx: Ctx) -> int:
     """The block being processed in backward, at its worst moment: under checkpointing its recomputed
     activations, per-layer mask copy and weight casts plus the backward temporaries; without, only the
     temporaries (its saved activations are counted with the others)."""
-    tokens = ctx.tokens
+    tokens = ctx.pass_tokens  # Unsloth's mini-batch passes recompute one pass at a time
     temporaries = tokens * recompute_temporaries_per_token(ctx)
     if not ctx.setup.gradient_checkpointing:
         return temporaries
@@ -145,7 +149,7 @@ def mask_bytes(ctx: Ctx) -> int:
     in the model's dtype for eager; FlashAttention none (docs/memory-model.md §2)."""
     setup, spec = ctx.setup, ctx.spec
     b, length = setup.per_device_train_batch_size, setup.seq_len
-    if setup.attn_implementation.startswith("flash"):
+    if setup.attn_implementation.startswith("flash") or not ctx.backend.builds_4d_mask:
         return 0
     kinds = 2 if (spec.num_sliding_layers and spec.num_full_attention_layers and spec.sliding_window
                   and spec.sliding_window < length) else 1
@@ -159,9 +163,9 @@ def mask_copy_bytes(ctx: Ctx) -> int:
     (``convert_boolean_attn_mask``) and the kernel keeps it for backward: b·L² × 2 bytes per layer
     (seen in the FakeTensor simulation as ``where`` outputs, one per layer)."""
     setup = ctx.setup
-    if setup.attn_implementation != "sdpa":
+    if setup.attn_implementation != "sdpa" or not ctx.backend.builds_4d_mask:
         return 0
-    return setup.per_device_train_batch_size * setup.seq_len ** 2 * 2
+    return setup.per_device_train_batch_size * setup.seq_len ** 2 * ctx.compute_bytes
 
 
 def autocast_weight_copies(ctx: Ctx) -> int:
@@ -169,7 +173,7 @@ def autocast_weight_copies(ctx: Ctx) -> int:
     cached by autocast, frozen ones re-cast per use; both kept for backward). Without checkpointing every
     block keeps its own (× n_layers in the training phase); with it, only the block being recomputed."""
     spec, setup = ctx.spec, ctx.setup
-    if setup.dtype != "float32" or setup.load_in_4bit:
+    if setup.dtype != "float32" or setup.load_in_4bit or ctx.compute_bytes == 4:  # pure fp32: no autocast
         return 0
     return spec.linear_params() // max(spec.num_hidden_layers, 1) * 2
 
@@ -177,8 +181,8 @@ def autocast_weight_copies(ctx: Ctx) -> int:
 def scoring_layer_peak_bytes(ctx: Ctx) -> int:
     """Inside a block of the no-grad scoring forward: the MLP's gate, up and product live together (3 × I in
     bf16) beside the norm's output, plus the per-linear bf16 cast of an fp32 norm output."""
-    h, r = ctx.spec.hidden_size, ctx.residual_bytes
-    return ctx.tokens * (6 * active_intermediate(ctx) + r * h + (4 * h if r == 4 else 0))
+    h, r, c = ctx.spec.hidden_size, ctx.residual_bytes, ctx.compute_bytes
+    return ctx.tokens * (3 * c * active_intermediate(ctx) + r * h + (4 * h if r == 4 and c == 2 else 0))
 
 
 def generate_prefill_bytes(ctx: Ctx) -> int:
@@ -186,4 +190,4 @@ def generate_prefill_bytes(ctx: Ctx) -> int:
     (3·I) and four h-sized tensors, bf16, for every row of the generation batch."""
     setup, spec = ctx.setup, ctx.spec
     return setup.generation_batch_size * setup.max_prompt_length * (3 * spec.intermediate_size
-                                                                    + 4 * spec.hidden_size) * 2
+                                                                    + 4 * spec.hidden_size) * ctx.compute_bytes

@@ -11,8 +11,13 @@ CUDA_CONTEXT_BYTES = 512 * MIB
 ALLOCATOR_SLACK_FRACTION = 0.05
 #: NF4 bytes per quantised parameter: 4 bits + one fp32 absmax per 64 weights (QLoRA, arXiv:2305.14314).
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
-#: with double quantisation (8-bit absmax per 64, fp32 per 256 blocks) ≈ 4.127 bits (docs/memory-model.md §4).
+#: with double quantisation (8-bit absmax per 64, fp32 per 256 blocks) ≈ 4.127 bits (docs/memory-model.md §4):
+#: 0.515869 B/param. vLLM's bitsandbytes loader keeps the same packed layout; embeddings, lm_head and norms stay
+#: 16-bit (Phi-4 4-bit: 8.46 GiB + LoRA slots predicted, 8.49 GiB logged, tests/data/realworld/).
 NF4_DOUBLE_QUANT_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+#: FP8 (e4m3) linears: 1 byte + one fp32 scale per 128×128 block (vLLM's block-FP8 / compressed-tensors layout);
+#: embeddings, lm_head and norms stay 16-bit (Qwen3-8B-FP8: 8.79 GiB + LoRA slots vs 8.96 logged).
+FP8_BYTES_PER_PARAM = 1 + 4 / (128 * 128)
 #: materialised fp32 logits (TRL ≤ 1.15 / accelerate's convert_outputs_to_fp32), bytes per element of b·C·V,
 #: measured on CPU (docs/memory-model.md §2.1 table): forward peak, retained to backward, backward peak, scoring.
 MATERIALIZED_FP32_LOGITS_BYTES = {"forward": 8.96, "retained": 4.2, "backward": 16.3, "scoring": 6.1}
@@ -21,12 +26,12 @@ CHUNKED_TOKEN_TILE = 4096
 CHUNKED_VOCAB_TILE = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE
 #: Unsloth's chunked_hidden_states_selective_log_softmax: bf16 logits + fp32 copy per chunk ≈ 10 B/element.
 UNSLOTH_CHUNK_BYTES_PER_LOGIT = 10
-#: vLLM: TRL colocate passes max_num_batched_tokens=4096 (trl/generation/vllm_generation.py).
-VLLM_MAX_BATCHED_TOKENS = 4096
-#: vLLM non-torch memory (NCCL, cuBLAS handles): 0.07–0.13 GiB in published single-GPU start-up logs.
+#: vLLM non-torch memory (NCCL, cuBLAS handles): an upper bound, not a point: 0.00–0.13 GiB in the 12 public
+#: single-GPU start-up logs that print it (tests/data/realworld/vllm-startup-logs.json, docs/accuracy.md).
 VLLM_NON_TORCH_BYTES = int(0.13 * GIB)
-#: vLLM CUDA graphs: "0.3–1.5 GiB typically (0.36, 0.65 for gemma-3-4b)" (docs/memory-model.md §3); TRL does not
-#: pass enforce_eager, so graphs are captured and counted inside the budget (vLLM ≥ 0.21).
+#: vLLM CUDA graphs: "0.3–1.5 GiB typically (0.36, 0.65 for gemma-3-4b)" (docs/memory-model.md §3); 0.21–1.15 GiB
+#: in the public start-up logs. Not modelled per setup (no GPU measurement of the per-graph cost yet): the
+#: middle of the cited range. Where they count (on top of or inside the budget) is by version (vllm.py).
 VLLM_CUDA_GRAPH_BYTES = int(0.5 * GIB)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

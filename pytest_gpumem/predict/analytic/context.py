@@ -40,6 +40,9 @@ class Ctx:
     residual_bytes: int
     #: LoRA adapters in bf16 (a quantised base under a backend that casts them); else fp32
     adapters_bf16: bool
+    #: bytes per element of what the Linears compute in: 2 under bf16/fp16 autocast or 16-bit weights; 4 for
+    #: pure fp32 (``bf16=False`` and no ``fp16`` with fp32 weights: no autocast, every activation fp32)
+    compute_bytes: int = 2
 
     @classmethod
     def of(cls, setup: GRPOSetup, gpu: GPU | None) -> "Ctx":
@@ -54,9 +57,20 @@ class Ctx:
         return cls(setup=setup, spec=spec, gpu=gpu, backend=backend, notes=Notes(list(setup.resolution_notes)),
                    lora_targets=targets, lora_params=lora_params, weight_bytes_per_param=DTYPE_BYTES[setup.dtype],
                    residual_bytes=4 if setup.dtype == "float32" else 2,
-                   adapters_bf16=bool(setup.load_in_4bit and backend.adapters_bf16_on_4bit_base))
+                   adapters_bf16=bool(setup.load_in_4bit and backend.adapters_bf16_on_4bit_base),
+                   compute_bytes=4 if (setup.dtype == "float32" and setup.bf16 is False and not setup.fp16) else 2)
 
     @property
     def tokens(self) -> int:
         """Tokens of one micro-batch: ``b · L``."""
         return self.setup.per_device_train_batch_size * self.setup.seq_len
+
+    @property
+    def pass_tokens(self) -> int:
+        """Tokens of one forward pass of the loss: the micro-batch, or one of Unsloth's ``unsloth_grpo_mini_batch``
+        passes (``ceil(b / passes)`` rows; None: one pass — Unsloth's autotune depends on the free memory)."""
+        passes = self.setup.unsloth_grpo_mini_batch
+        if not (passes and self.backend.mini_batch_passes):
+            return self.tokens
+        b = self.setup.per_device_train_batch_size
+        return -(-b // min(passes, b)) * self.setup.seq_len

@@ -72,7 +72,8 @@ def head_cast_bytes(ctx: Ctx) -> int:
     logits through the model's head; a 4-bit base too: bitsandbytes leaves the head unquantised, in the
     model's dtype)."""
     setup = ctx.setup
-    if setup.dtype == "float32" and setup.logits == "materialized" and ctx.backend.model_head_logprobs:
+    if (setup.dtype == "float32" and setup.logits == "materialized" and ctx.backend.model_head_logprobs
+            and ctx.compute_bytes == 2):  # pure fp32: no autocast, no cast
         return ctx.spec.vocab_size * ctx.spec.hidden_size * 2
     return 0
 

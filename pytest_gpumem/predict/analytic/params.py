@@ -20,12 +20,14 @@ def lora_bytes_per_param(ctx: Ctx) -> int:
 def base_weight_bytes(ctx: Ctx) -> int:
     """Policy weights: Ψ × dtype bytes, or NF4 linears + 16/32-bit embeddings, head and norms."""
     spec, setup = ctx.spec, ctx.setup
+    # Unsloth's offload_embedding=True keeps the input embedding on the CPU (a tied one is the head: it stays)
+    offloaded = spec.embedding_params() if setup.offload_embedding and not spec.tie_word_embeddings else 0
     if setup.load_in_4bit:
         quantised = spec.linear_params()
         per_param = NF4_DOUBLE_QUANT_BYTES_PER_PARAM if ctx.backend.nf4_double_quant else NF4_BYTES_PER_PARAM
-        rest = spec.num_params - quantised
+        rest = spec.num_params - quantised - offloaded
         return int(quantised * per_param) + rest * ctx.weight_bytes_per_param
-    weights = spec.num_params * ctx.weight_bytes_per_param
+    weights = (spec.num_params - offloaded) * ctx.weight_bytes_per_param
     if setup.cast_lm_head_to_fp32 and ctx.weight_bytes_per_param == 2:
         weights += spec.vocab_size * spec.hidden_size * 2  # lm_head (or the tied embedding) in fp32
     return weights

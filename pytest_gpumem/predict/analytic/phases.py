@@ -122,7 +122,7 @@ def training(ctx: Ctx) -> dict[str, int]:
         extra = (2 if spec.tie_word_embeddings else 0) + (1 if accumulating else 0)
         candidates.append({C.GRADIENTS: all_grads,
                            C.RECOMPUTED_LAYER: extra * vocab * h * params.trainable_bytes_per_param(ctx)})
-        if (setup.dtype == "float32" and checkpointing and not setup.load_in_4bit
+        if (setup.dtype == "float32" and ctx.compute_bytes == 2 and checkpointing and not setup.load_in_4bit
                 and setup.gradient_checkpointing != "unsloth"):
             candidates.append({C.GRADIENTS: grads_before, C.ACTIVATIONS: saved, C.ATTENTION_MASK: mask,
                                C.WEIGHT_CASTS: spec.linear_params() * 2 + head_cast,

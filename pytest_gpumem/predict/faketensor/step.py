@@ -8,6 +8,7 @@ Sources: trl 1.16 ``trainer/grpo_trainer.py``, ``trainer/utils.py``, ``kernels/c
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import TYPE_CHECKING
 
@@ -50,8 +51,11 @@ def make_batch(setup: GRPOSetup) -> dict:
 
 def autocast(setup: GRPOSetup):
     # accelerate's native AMP (bf16=True, TRL's default) wraps the model's forward in autocast; fp16 weights
-    # get fp16 autocast (bf16=False, fp16=True is what such users set)
-    dtype = torch.float16 if setup.dtype == "float16" else torch.bfloat16
+    # get fp16 autocast (bf16=False, fp16=True is what such users set); bf16=False without fp16 on fp32 weights
+    # is no autocast at all (pure fp32)
+    if setup.dtype == "float32" and setup.bf16 is False and not setup.fp16:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if setup.dtype == "float16" or setup.fp16 else torch.bfloat16
     return torch.autocast("cpu", dtype=dtype)
 
 

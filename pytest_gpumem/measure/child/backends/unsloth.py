@@ -25,10 +25,14 @@ def load_unsloth(child: Child, model_dir: Path):
                   f"load_in_4bit={setup.load_in_4bit})")
     kwargs = dict(model_name=str(model_dir), max_seq_length=setup.max_prompt_length + setup.max_completion_length,
                   load_in_4bit=setup.load_in_4bit, fast_inference=setup.use_vllm,
-                  max_lora_rank=setup.lora_rank or 16,
+                  max_lora_rank=setup.max_lora_rank or setup.lora_rank or 16,
                   dtype=None if setup.load_in_4bit else torch_dtype(setup.dtype))
     if setup.use_vllm:
         kwargs["gpu_memory_utilization"] = setup.vllm_gpu_memory_utilization
+    # Unsloth's own switches, passed only when on (older releases do not know them)
+    for name in ("unsloth_vllm_standby", "offload_embedding", "load_in_fp8"):
+        if getattr(setup, name):
+            kwargs[name] = True
     before = child.torch.cuda.memory_allocated(0)
     model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
     child.result["gpu"]["unsloth_load_allocated_bytes"] = int(child.torch.cuda.memory_allocated(0) - before)
