@@ -93,6 +93,8 @@ class Backend:
     mini_batch_passes: bool = False
     #: the FakeTensor simulation replays this backend's step (predict/faketensor)
     simulated: bool = False
+    #: runs under ``accelerate launch`` on several GPUs (DDP, DeepSpeed ZeRO, FSDP) as modelled here
+    multi_gpu: bool = False
     #: a measured run needs a CUDA device
     needs_cuda: bool = False
     #: the package a measured run imports first (it patches transformers and trl), None for plain TRL
@@ -101,7 +103,7 @@ class Backend:
 
 TRL = Backend(
     name="trl", label="TRL", lora_defaults_from="PEFT", logits_follow_trl_version=True, loads_by_name_in_fp32=True,
-    adapters_bf16_on_4bit_base=True, liger_kernel=True, simulated=True,
+    adapters_bf16_on_4bit_base=True, liger_kernel=True, simulated=True, multi_gpu=True,
     # trl/generation/vllm_generation.py: LLM(..., max_num_batched_tokens=4096)
     vllm=VllmIntegration(policy_loaded_first=True, default_max_num_batched_tokens=4096),
     defaults={

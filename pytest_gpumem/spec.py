@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import distributed as dist
+from . import launch_config
 from .architectures import architecture
 from .backends import (
     BACKENDS,
@@ -48,7 +50,8 @@ OPTIMIZERS = {
 ALIASES = {"gpu_memory_utilization": "vllm_gpu_memory_utilization", "torch_dtype": "dtype",
            "r": "lora_rank", "target_modules": "lora_target_modules", "fast_inference": "use_vllm",
            # vLLM's engine-argument names (Unsloth's load_vllm passes them through)
-           "max_num_seqs": "vllm_max_num_seqs", "max_num_batched_tokens": "vllm_max_num_batched_tokens"}
+           "max_num_seqs": "vllm_max_num_seqs", "max_num_batched_tokens": "vllm_max_num_batched_tokens",
+           "num_processes": "world_size"}
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -98,6 +101,22 @@ class GRPOSetup:
     offload_embedding: bool | None = None
     load_in_fp8: bool | None = None
     unsloth_grpo_mini_batch: int | None = None
+    # -- multi-GPU (pytest_gpumem.distributed: defaults as accelerate + DeepSpeed apply them) --------------
+    #: training processes in all (accelerate's num_processes); every per-device key is per process
+    world_size: int | None = None
+    num_machines: int | None = None
+    #: "none" | "ddp" | "zero1" | "zero2" | "zero3" | "fsdp1" | "fsdp2"
+    distributed: str | None = None
+    offload_optimizer: bool | None = None
+    offload_params: bool | None = None
+    reshard_after_forward: bool | None = None
+    #: "transformer_layer" (one FSDP unit per decoder layer, accelerate's TRANSFORMER_BASED_WRAP) or "none"
+    fsdp_wrap: str | None = None
+    #: DeepSpeed bucket sizes, in elements ("auto": accelerate's hidden-size rule)
+    reduce_bucket_size: Any = None
+    allgather_bucket_size: Any = None
+    stage3_prefetch_bucket_size: Any = None
+    overlap_comm: bool | None = None
     #: names of the fields the user gave (the rest are backend defaults); filled automatically
     explicit_fields: frozenset = field(default=frozenset(), compare=False)
     #: notes made while resolving defaults (e.g. Unsloth's batch-size reset); read by the estimate
@@ -145,9 +164,14 @@ class GRPOSetup:
                          fix="pass GRPOSetup.from_dict({...}) or a path to a JSON/TOML setup")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "GRPOSetup":
-        """Load a setup from a ``.json`` or ``.toml`` file (TOML: top level, or a ``[grpo]`` table)."""
+    def from_file(cls, path: str | Path, **overrides: Any) -> "GRPOSetup":
+        """Load a setup from a ``.json`` or ``.toml`` file (TOML: top level, or a ``[grpo]`` table), or take the
+        multi-GPU keys from the file a job is launched with — an accelerate YAML (TRL's
+        ``accelerate_configs/*.yaml``) or a DeepSpeed JSON — with ``overrides`` giving the rest (at least
+        ``model``). ``overrides`` win over the file."""
         path = Path(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return cls._from_launch_file(path, overrides)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -169,11 +193,21 @@ class GRPOSetup:
         except ValueError as exc:
             raise SetupError("setup", f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}",
                              fix="fix the syntax; see examples/setups/ for valid files") from None
+        if launch_config.is_deepspeed_json(data):
+            return cls._from_launch_file(path, overrides)
         if isinstance(data, Mapping) and isinstance(data.get("model"), str):
             model_path = (path.parent / data["model"])
             if data["model"].startswith((".", "/")) and model_path.exists():
                 data = {**data, "model": str(model_path)}
-        return cls.from_dict(data)
+        return cls.from_dict({**data, **overrides} if overrides and isinstance(data, Mapping) else data)
+
+    @classmethod
+    def _from_launch_file(cls, path: Path, overrides: Mapping[str, Any]) -> "GRPOSetup":
+        if not overrides.get("model"):
+            raise SetupError("model", f"{path.name} is a launch config: it says how the job is sharded, not "
+                             "what is trained", fix=f"pass the model too, e.g. GRPOSetup.from_file({str(path)!r}, "
+                                                    "model='Qwen/Qwen2.5-7B') or --model with --accelerate-config")
+        return cls.from_dict({**launch_config.read(path), **overrides})
 
     @classmethod
     def from_trl(cls, grpo_config: Any, model: Any = None, peft_config: Any = None, **overrides: Any) -> "GRPOSetup":
@@ -270,7 +304,25 @@ class GRPOSetup:
             data["model"] = self.model.name
         if isinstance(data["lora_target_modules"], tuple):
             data["lora_target_modules"] = list(data["lora_target_modules"])
+        if not self.is_distributed:  # one GPU: the JSON of a single-GPU setup is what it always was
+            for name in dist.FIELDS:
+                data.pop(name)
         return data
+
+    def with_strategy(self, distributed: str, **changes: Any) -> "GRPOSetup":
+        """A copy on another sharding strategy: the old strategy's own knobs (buckets, offload, resharding) are
+        dropped, so they return to the new strategy's defaults unless ``changes`` sets them."""
+        data = {name: getattr(self, name) for name in self.explicit_fields if name not in dist.STRATEGY_FIELDS}
+        data.update(model=self.model, distributed=distributed, **changes)
+        if "max_completion_length" in data:
+            data.pop("max_seq_length", None)  # the explicit length wins over the derived one
+        return GRPOSetup.from_dict(data)
+
+    @property
+    def is_distributed(self) -> bool:
+        """More than one process, or a sharding strategy (ZeRO on one GPU still shards nothing but keeps its
+        buffers): the estimate then reports per rank."""
+        return self.world_size > 1 or self.distributed != "none"
 
     def replace(self, **changes: Any) -> "GRPOSetup":
         """A copy with ``changes`` applied, revalidated (explicit fields are kept explicit)."""
@@ -397,17 +449,27 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
                          f"divisible by num_generations={g}, so Unsloth resets per_device_train_batch_size to {g}")
             if "steps_per_generation" not in setup.explicit_fields:
                 _set(setup, "steps_per_generation", ga)
-    generation_batch = setup.per_device_train_batch_size * setup.steps_per_generation
+    # TRL's GRPOConfig.__post_init__ (trl 1.16): generation_batch_size = b × num_processes × steps_per_generation,
+    # "must be divisible by num_generations" — the groups span processes, so the world size counts
+    if setup.world_size is None:
+        _set(setup, "world_size", 1)
+    _require_int(setup, "world_size", 1, "world_size is the number of training processes (accelerate's "
+                                         "num_processes), e.g. 8")
+    world_size = setup.world_size
+    generation_batch = setup.per_device_train_batch_size * world_size * setup.steps_per_generation
     if generation_batch % setup.num_generations != 0:
         b, spg, g = setup.per_device_train_batch_size, setup.steps_per_generation, setup.num_generations
         # the group sizes people use: bounded, so an absurd batch cannot turn the message into a long loop
         divisors = [d for d in range(2, min(generation_batch, 64) + 1) if generation_batch % d == 0]
+        shape = (f"per_device_train_batch_size × steps_per_generation = {b} × {spg}" if world_size == 1 else
+                 f"per_device_train_batch_size × world_size × steps_per_generation = {b} × {world_size} × {spg}")
+        factor = "per_device_train_batch_size" + (" × world_size" if world_size > 1 else "")
         raise SetupError(
             "per_device_train_batch_size",
-            f"the generation batch per_device_train_batch_size × steps_per_generation = {b} × {spg} = "
-            f"{generation_batch} is not divisible by num_generations = {g} (TRL's GRPOConfig rule)",
-            fix=f"make per_device_train_batch_size a multiple of {g}, or set num_generations to a divisor of "
-                f"{generation_batch} ({', '.join(map(str, divisors)) or 'none ≥ 2'})")
+            f"generation_batch_size ({generation_batch}) must be divisible by num_generations ({g}) "
+            f"(TRL's GRPOConfig rule; {shape})",
+            fix=f"make {factor} a multiple of {g}, or set num_generations to a divisor of {generation_batch} "
+                f"({', '.join(map(str, divisors)) or 'none ≥ 2'})")
 
     # lengths (the prompt length first: a completion length may be derived from it)
     _require_int(setup, "max_prompt_length", 1, "use a positive max_prompt_length (prompt tokens)")
@@ -446,7 +508,14 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
     _resolve_engine_keys(setup, backend)
 
     # the model must resolve (unknown names are errors with close matches)
-    resolve_model(setup.model)
+    spec = resolve_model(setup.model)
+    dist.resolve(setup, _set, spec.hidden_size)
+    if setup.is_distributed and not backend.multi_gpu:
+        raise SetupError("world_size", f"{backend.label}'s GRPO is modelled on one GPU only",
+                         fix="use world_size=1 and distributed='none', or backend='trl'")
+    if setup.load_in_4bit and setup.distributed in ("zero3",) + dist.FSDP_STRATEGIES:
+        raise SetupError("load_in_4bit", f"a 4-bit base sharded by {setup.distributed} is not modelled",
+                         fix="use distributed='zero2' or 'ddp' (the 4-bit base replicated), or load_in_4bit=false")
     _set(setup, "resolution_notes", tuple(notes))
 
 

@@ -277,7 +277,7 @@ def test_unsloth_defaults_and_shared_weights():
 
 # -- setups: validation ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("data,field,text", [
-    ({"model": QWEN_05B, "num_generations": 3}, "per_device_train_batch_size", "not divisible by num_generations"),
+    ({"model": QWEN_05B, "num_generations": 3}, "per_device_train_batch_size", "must be divisible by num_generations"),
     ({"model": QWEN_05B, "num_generations": 1}, "num_generations", "at least 2"),
     ({"model": QWEN_05B, "per_device_train_batch_size": 0}, "per_device_train_batch_size", "≥ 1"),
     ({"model": QWEN_05B, "lora_rank": -1}, "lora_rank", "≥ 1"),

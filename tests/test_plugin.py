@@ -272,7 +272,7 @@ BAD_MARKERS = [
     ("gb=17, setup=42", "setup", "42 (int)"),
     ('gb=17, setup="missing.json"', "setup", "'missing.json'"),
     ('gb=17, setup={"model": "Qwen/Qwen2.5-0.5B", "per_device_train_batch_size": 3, "num_generations": 2}',
-     "per_device_train_batch_size", "not divisible by num_generations"),
+     "per_device_train_batch_size", "must be divisible by num_generations"),
     ('gb=17, setup={"model": "Qwen/Qwen2.5-0.5B", "batch_size": 3}', "batch_size", "'batch_size'"),
     ('gb=17, setup={"model": "no-such/model-xyz"}', "model", "no-such/model-xyz"),
 ]

@@ -8,7 +8,9 @@ import json
 import sys
 from dataclasses import fields
 
+from .. import launch_config
 from ..backends import BACKENDS
+from ..distributed import FSDP_WRAPS, STRATEGIES
 from ..errors import GpuMemError
 from ..report.text import breakdown_table
 from ..spec import ATTN_IMPLEMENTATIONS, DTYPES, LOGITS_MODES, OPTIMIZERS, VLLM_MODES, GRPOSetup
@@ -45,10 +47,26 @@ SETUP_FLAGS: tuple[tuple[str, str, tuple | None, str], ...] = (
     ("attn_implementation", "str", ATTN_IMPLEMENTATIONS, "attention kernel"),
     ("use_liger_kernel", "bool", None, "Liger's chunked loss (TRL)"),
     ("cast_lm_head_to_fp32", "bool", None, "lm_head in fp32"),
+    ("world_size", "int", None, "training processes (GPUs) in all, accelerate's num_processes"),
+    ("num_machines", "int", None, "nodes the processes run on"),
+    ("distributed", "str", STRATEGIES, "sharding strategy (unset: none on one GPU, ddp on several)"),
+    ("offload_optimizer", "bool", None, "DeepSpeed optimizer offload to the host (ZeRO-1/2/3)"),
+    ("offload_params", "bool", None, "parameter offload to the host (ZeRO-3, FSDP CPU offload)"),
+    ("reshard_after_forward", "bool", None, "FSDP: reshard each unit after its forward"),
+    ("fsdp_wrap", "str", FSDP_WRAPS, "FSDP units: one per decoder layer, or the root only"),
+    ("reduce_bucket_size", "int", None, "DeepSpeed reduce (IPG) bucket, elements"),
+    ("allgather_bucket_size", "int", None, "DeepSpeed all-gather bucket, elements (ZeRO-1/2)"),
+    ("stage3_prefetch_bucket_size", "int", None, "DeepSpeed ZeRO-3 prefetch bucket, elements"),
+    ("overlap_comm", "bool", None, "DeepSpeed: overlap gradient reduction with the backward"),
 )
 #: defaults that are not a backend's plain value
 _DEFAULT_WORDS = {"model": "required", "trl_version": "the installed trl, else 1.16.0",
-                  "logits": "from --trl-version", "steps_per_generation": "= gradient_accumulation_steps"}
+                  "logits": "from --trl-version", "steps_per_generation": "= gradient_accumulation_steps",
+                  # the multi-GPU keys' defaults (pytest_gpumem.distributed: accelerate + DeepSpeed's own)
+                  "world_size": "1", "num_machines": "1", "distributed": "none, or ddp when world_size > 1",
+                  "offload_optimizer": "false", "offload_params": "false", "reshard_after_forward": "true",
+                  "fsdp_wrap": "transformer_layer", "reduce_bucket_size": "5e8", "allgather_bucket_size": "5e8",
+                  "stage3_prefetch_bucket_size": "5e7", "overlap_comm": "true for zero3, else false"}
 
 
 def _default_text(name: str) -> str:
@@ -82,6 +100,9 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     """--setup FILE|JSON plus one flag per key of :data:`SETUP_FLAGS` (shared by estimate/simulate/fit/table)."""
     parser.add_argument("--setup", help="setup file (.json / .toml) or inline JSON; the flags below override it; "
                                         "default: none (then --model is needed)")
+    parser.add_argument("--accelerate-config", metavar="FILE",
+                        help="the accelerate YAML (or DeepSpeed JSON) the job is launched with: its world size and "
+                             "sharding strategy; --setup and the flags below win over it; default: none")
     group = parser.add_argument_group("setup keys (override the file; the same names as in a setup file, "
                                       "--a-b or --a_b)")
     for name, kind, allowed, meaning in SETUP_FLAGS:
@@ -102,9 +123,11 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
 
 def setup_from_args(args: argparse.Namespace) -> GRPOSetup:
     data: dict = {}
+    if getattr(args, "accelerate_config", None):
+        data.update(launch_config.read(args.accelerate_config))
     if args.setup:
         base = load_setup_arg(args.setup)
-        data = {name: getattr(base, name) for name in base.explicit_fields}
+        data.update({name: getattr(base, name) for name in base.explicit_fields})
         data["model"] = base.model
     known = {f.name for f in fields(GRPOSetup)}
     for name, *_ in SETUP_FLAGS:
