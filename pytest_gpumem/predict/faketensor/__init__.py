@@ -41,6 +41,7 @@ from ...gpus import GPU, resolve_gpu
 from ...models import ModelSpec
 from ...spec import GRPOSetup
 from .matrix import MATRIX, accuracy_matrix, reduced_config
+from .ranks import GATHERED_PARAMS, UNSHARDED_GRADIENTS, WEIGHT_SYNC, ShardingPlan, plan_for
 from .scope import (
     NOT_SIMULATED_COMPONENTS,
     SIMULATED_PHASES,
@@ -51,9 +52,10 @@ from .scope import (
     comparable_total,
 )
 
-__all__ = ["MATRIX", "NOT_SIMULATED_COMPONENTS", "SIMULATED_PHASES", "Simulation", "SimulationError",
-           "accuracy_matrix", "comparable_components", "comparable_peak", "comparable_total", "reduced_config",
-           "run_simulation", "simulate"]
+__all__ = ["GATHERED_PARAMS", "MATRIX", "NOT_SIMULATED_COMPONENTS", "SIMULATED_PHASES", "ShardingPlan",
+           "Simulation", "SimulationError", "UNSHARDED_GRADIENTS", "WEIGHT_SYNC", "accuracy_matrix",
+           "comparable_components", "comparable_peak", "comparable_total", "plan_for", "reduced_config",
+           "run_simulation", "simulate", "simulate_rank"]
 
 
 
@@ -71,6 +73,8 @@ class Simulation(PeakJudgement):
     warnings: tuple[str, ...]
     elapsed_seconds: float
     num_ops: int
+    #: the rank of a multi-GPU job this breakdown is for (None: one GPU)
+    sharding: ShardingPlan | None = None
 
     @property
     def largest_tensors(self) -> list[dict]:
@@ -99,22 +103,43 @@ class Simulation(PeakJudgement):
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``gpumem estimate`` (same keys) plus ``largest_tensors`` and the run's cost."""
-        return {"source": "simulate", **super().to_dict(), "largest_tensors": self.largest_tensors,
+        data = {"source": "simulate", **super().to_dict(), "largest_tensors": self.largest_tensors,
                 "elapsed_seconds": round(self.elapsed_seconds, 3), "num_ops": self.num_ops}
+        if self.sharding is not None:
+            plan = self.sharding
+            data["rank"] = {"rank": plan.rank, "world_size": plan.world_size, "distributed": plan.strategy,
+                            "reshard_after_forward": plan.reshard_after_forward, "fsdp_wrap": plan.fsdp_wrap}
+        return data
 
 
 
 def simulate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | None = None) -> Breakdown:
     """The simulated per-phase breakdown of ``setup`` (``source="simulate"``). ``gpu`` is accepted for
-    symmetry with :func:`~pytest_gpumem.predict.analytic.estimate`; the breakdown does not depend on it."""
+    symmetry with :func:`~pytest_gpumem.predict.analytic.estimate`; the breakdown does not depend on it.
+    A multi-GPU setup (``world_size`` > 1 or ``distributed``) gives rank 0's breakdown (:func:`simulate_rank`)."""
     return run_simulation(setup, gpu=gpu).breakdown
+
+
+def simulate_rank(setup: GRPOSetup | Mapping | str | Path, world_size: int | None = None,
+                  strategy: str | None = None, reshard_after_forward: bool | None = None,
+                  fsdp_wrap: str | None = None, rank: int = 0) -> Breakdown:
+    """Rank ``rank``'s breakdown of a ``world_size``-process ``strategy`` job (each argument defaults to the
+    setup's own key): the step replayed on CPU under a fake process group, the policy wrapped by accelerate's
+    FSDP2, the reference by TRL's root-only wrap, and TRL's weight sync to vLLM when ``use_vllm``. Only
+    ``"fsdp2"`` is traced; ZeRO and DDP raise :class:`SimulationError` pointing to the estimate."""
+    return run_simulation(setup, world_size=world_size, strategy=strategy or "fsdp2",
+                          reshard_after_forward=reshard_after_forward, fsdp_wrap=fsdp_wrap, rank=rank).breakdown
 
 
 
 def run_simulation(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | None = None,
-                   *, top_tensors: int = 10, progress: Callable[[str], None] | None = None) -> Simulation:
+                   *, top_tensors: int = 10, progress: Callable[[str], None] | None = None,
+                   world_size: int | None = None, strategy: str | None = None,
+                   reshard_after_forward: bool | None = None, fsdp_wrap: str | None = None,
+                   rank: int = 0) -> Simulation:
     """Simulate ``setup`` and return the breakdown with assumptions and the largest live tensors;
-    ``progress(line)`` is told each stage as it starts (the imports, the model build, each traced phase).
+    ``progress(line)`` is told each stage as it starts (the imports, the model build, each traced phase). The
+    multi-GPU arguments override the setup's keys (see :func:`simulate_rank`).
 
     Every failure is raised as :class:`SimulationError` (a :class:`~pytest_gpumem.errors.GpuMemError`): the
     simulation runs in-process, so it must never take its caller (a pytest worker) down with it."""
@@ -122,6 +147,8 @@ def run_simulation(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU
     resolved_gpu = resolve_gpu(gpu)
     spec = setup.model_spec
     check_supported(setup, spec)
+    sharding = plan_for(setup, world_size=world_size, strategy=strategy,
+                        reshard_after_forward=reshard_after_forward, fsdp_wrap=fsdp_wrap, rank=rank)
     started = time.perf_counter()
     state = None
     try:
@@ -133,7 +160,7 @@ def run_simulation(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU
                 progress("importing torch, transformers, peft and trl")
             from . import replay  # torch, transformers, peft and trl: imported when a simulation runs
 
-            state = replay.Replay(setup, spec, top_tensors=top_tensors, progress=progress)
+            state = replay.Replay(setup, spec, top_tensors=top_tensors, progress=progress, sharding=sharding)
             breakdown = replay.run(state)
     except GpuMemError:
         raise
@@ -151,4 +178,4 @@ def run_simulation(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU
     elapsed = time.perf_counter() - started
     return Simulation(setup=setup, model=spec, breakdown=breakdown, gpu=resolved_gpu,
                       assumptions=tuple(state.assumptions), warnings=tuple(state.warnings),
-                      elapsed_seconds=elapsed, num_ops=state.num_ops)
+                      elapsed_seconds=elapsed, num_ops=state.num_ops, sharding=sharding)

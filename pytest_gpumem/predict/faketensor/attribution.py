@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...breakdown import Breakdown, Component
-from .scope import SIMULATED_PHASES
+from ...breakdown import PHASE_ORDER, Breakdown, Component
+from .ranks import (
+    ALL_GATHER_REGION,
+    GATHERED_PARAMS,
+    REDUCE_SCATTER_REGION,
+    UNSHARDED_GRADIENTS,
+    WEIGHT_SYNC,
+    WEIGHT_SYNC_REGION,
+)
 
 if TYPE_CHECKING:  # the state of a run; replay.py imports torch
     from .replay import Replay
@@ -43,10 +50,16 @@ def component(state: Replay, record, grad_ids: dict, state_ids: dict) -> str:
         return Component.OPTIMIZER_STATES.value
     if record.kind == "weight_cast":
         return Component.WEIGHT_CASTS.value
+    region = record.region
+    if record.alloc_id in state.unsharded_grad_ids or region == REDUCE_SCATTER_REGION:
+        return UNSHARDED_GRADIENTS
+    if region == ALL_GATHER_REGION:
+        return GATHERED_PARAMS
+    if region == WEIGHT_SYNC_REGION:
+        return WEIGHT_SYNC
     shape = record.shape
     if len(shape) == 4 and shape[1] == 1 and shape[-1] == shape[-2] == state.setup.seq_len:
         return Component.ATTENTION_MASK.value
-    region = record.region
     if region == "inputs":
         return Component.BATCH_BUFFERS.value
     if region in ("head", "backward_head"):
@@ -79,6 +92,7 @@ def breakdown(state: Replay, grad_ids: dict, state_ids: dict) -> Breakdown:
                             "op": "parameter" if record.kind == "registered" else record.op,
                             "shape": list(record.shape), "dtype": record.dtype, "bytes": record.num_bytes,
                             "component": component(state, record, grad_ids, state_ids)})
-    ordered = {p: phases[p] for p in SIMULATED_PHASES if p in phases}
+    # SIMULATED_PHASES, and a sharded run's generation phase (its weight sync to vLLM)
+    ordered = {p: phases[p] for p in PHASE_ORDER if p in phases}
     return Breakdown(phases=ordered, source="simulate", largest_tensors=tuple(largest))
 

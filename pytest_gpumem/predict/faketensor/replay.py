@@ -18,6 +18,7 @@ from ...breakdown import Breakdown, Component, Phase
 from ...models import ModelSpec
 from ...spec import GRPOSetup
 from . import attribution, build, fakes, step
+from .ranks import WEIGHT_SYNC_REGION, ShardingPlan
 from .scope import assumptions
 from .tracker import LiveStorageTracker, ModuleNamer
 
@@ -27,11 +28,21 @@ class Replay:
     objects (tracker, the causal LM whose head computes log-probs, the heads' ids)."""
 
     def __init__(self, setup: GRPOSetup, spec: ModelSpec, *, top_tensors: int = 10,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, sharding: ShardingPlan | None = None,
+                 real_tensors: bool = False, round_bytes: bool = True, observer=None):
         self.progress = progress  # told each stage as it starts (`gpumem simulate`'s progress lines)
         self._started = time.perf_counter()
         self.stage = "starting"  # what it was doing: a failure's message names it
         self.setup = setup
+        self.sharding = sharding  # None: one GPU; else the rank of the FSDP2 job replayed (ranks.py)
+        self.accelerator = None  # the stand-in fsdp.py hands accelerate's and TRL's FSDP2 functions
+        self.unsharded_grad_ids: set[int] = set()  # FSDP2: allocations that were a unit's unsharded gradients
+        # the ground truth of tests/test_simulate_rank.py: the same replay on real (empty) CPU tensors, with
+        # ``observer`` (a context manager, e.g. torch.profiler) around the tracked step, sizes unrounded
+        self.real_tensors = real_tensors
+        self.round_bytes = round_bytes
+        self.observer = observer
+        self.base_bytes = 0
         self.spec = spec
         self.top_tensors = top_tensors
         self.assumptions: list[str] = list(setup.resolution_notes)
@@ -53,16 +64,31 @@ class Replay:
 
 
 def run(state: Replay) -> Breakdown:
-    """The simulated step of ``state.setup`` as a Breakdown (``source="simulate"``)."""
+    """The simulated step of ``state.setup`` as a Breakdown (``source="simulate"``); for a sharded plan, rank
+    ``plan.rank``'s, under a fake process group that lives as long as the run."""
+    if state.sharding is None:
+        return _run(state, contextlib.nullcontext())
+    from . import fsdp
+
+    with fsdp.fake_process_group(state.sharding) as mesh:
+        return _run(state, mesh)
+
+
+def _run(state: Replay, mesh) -> Breakdown:
     setup = state.setup
     state.stage = "building the model"
-    fake_mode = FakeTensorMode()
+    fake_mode = contextlib.nullcontext() if state.real_tensors else FakeTensorMode()
     policy = build.build_model(state, fake_mode)
     reference = None
     if setup.beta != 0 and not setup.is_lora:
         state.stage = "building the reference model"
         reference = build.build_model(state, fake_mode, reference=True)
-    tracker = LiveStorageTracker()
+    if setup.gradient_checkpointing:  # TRL enables it on the model before accelerate wraps it
+        state.causal_lm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        build.enable_checkpointing(state, policy)
+    if state.sharding is not None:
+        policy, reference = _shard(state, fake_mode, mesh, policy, reference)
+    tracker = LiveStorageTracker(round_bytes=state.round_bytes)
     state.tracker = tracker
     for name, param in policy.named_parameters():
         tracker.register(param, Component.LORA.value if "lora_" in name else Component.WEIGHTS.value, name)
@@ -74,8 +100,6 @@ def run(state: Replay) -> Breakdown:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     causal_lm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     state.causal_lm = causal_lm
-    if setup.gradient_checkpointing:
-        build.enable_checkpointing(state, policy)
     policy.train()
     named = list(policy.named_modules())
     if reference is not None:
@@ -89,11 +113,27 @@ def run(state: Replay) -> Breakdown:
     with contextlib.ExitStack() as stack:
         stack.enter_context(fake_mode)
         stack.enter_context(tracker)
+        if state.observer is not None:
+            state.base_bytes = tracker.current_bytes  # what the observer cannot see allocated: the models
+            stack.enter_context(state.observer)
         stack.enter_context(ModuleNamer(tracker, named, on_pre=lambda name, module: build.on_module_pre(
             state, name, module)))
         stack.enter_context(fakes.fake_cuda_logprob_kernels())
+        if state.sharding is not None:
+            from . import fsdp
+
+            stack.enter_context(fsdp.region_hooks(state))
         state.stage = "creating the optimizer state (warm-up step)"
         optimizer = step.make_optimizer(state, policy, trainable)
+        if state.sharding is not None and setup.use_vllm:
+            # TRL syncs the weights to vLLM at the start of a step's generation (vllm_generation.sync_weights)
+            from . import fsdp
+
+            state.stage = "simulating the FSDP2 weight sync to vLLM"
+            tracker.region = WEIGHT_SYNC_REGION
+            tracker.begin_phase(Phase.GENERATION.value)
+            fsdp.sync_weights(policy, state.accelerator)
+            tracker.end_phase()
         tracker.region = "inputs"
         batch = step.make_batch(setup)
         passes = setup.scoring_passes
@@ -105,7 +145,12 @@ def run(state: Replay) -> Breakdown:
             tracker.end_phase()
         state.stage = "simulating the training micro-step"
         tracker.begin_phase(Phase.TRAINING.value)
-        for _ in range(min(setup.gradient_accumulation_steps, 2)):
+        micro_steps = min(setup.gradient_accumulation_steps, 2)
+        for index in range(micro_steps):
+            if state.sharding is not None:
+                # transformers' Trainer runs all but the last micro-step under accelerator.no_sync, which for
+                # FSDP2 is set_requires_gradient_sync(False): unsharded gradients accumulate until the last
+                policy.set_requires_gradient_sync(index == micro_steps - 1)
             step.training_micro_step(state, policy, batch)
         tracker.end_phase()
         state.stage = "simulating the optimizer step"
@@ -129,3 +174,24 @@ def run(state: Replay) -> Breakdown:
     breakdown = attribution.breakdown(state, grad_ids, state_ids)
     tracker.close()
     return breakdown
+
+
+def _shard(state: Replay, fake_mode, mesh, policy, reference):
+    """The policy wrapped by accelerate's FSDP2 and the reference by TRL's root-only wrap (``fsdp.py``)."""
+    from . import fsdp
+
+    plan = state.sharding
+    state.stage = "sharding the policy with accelerate's FSDP2 wrap"
+    accelerator = fsdp.accelerator_stand_in(plan, mesh, fsdp.mixed_precision_of(state.setup))
+    state.accelerator = accelerator
+    with fake_mode:
+        policy = fsdp.shard_policy(policy, accelerator)
+        if reference is not None:
+            state.stage = "sharding the reference model with TRL's prepare_fsdp"
+            reference = fsdp.shard_reference(reference, accelerator)
+    state.assumptions.append(
+        f"{plan.describe()}: a fake process group (collectives allocate their buffers and move no data); "
+        f"the policy wrapped by accelerate's fsdp2_prepare_model (fp32 sharded master, "
+        f"{accelerator.state.fsdp_plugin.mixed_precision_policy}), "
+        + ("the reference by TRL's root-only prepare_fsdp" if reference is not None else "no reference model"))
+    return policy, reference

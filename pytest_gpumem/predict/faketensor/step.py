@@ -118,31 +118,46 @@ def logps_chunked(state: Replay, model, input_ids, attention_mask, compute_entro
     state.tracker.region = "forward"
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, :-completion] = -100
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    with autocast(state.setup):
-        backbone_outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        state.tracker.region = "head"
-        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
-        del backbone_outputs
-        labels = labels[:, 1:]
-        mask = labels != -100
-        hidden = hidden_states[:, -completion:].reshape(-1, hidden_states.size(-1))  # = hidden_states[mask]
-        targets = labels[:, -completion:].reshape(-1)  # = labels[mask]
-        lm_head = causal_lm.get_output_embeddings()
-        outputs = ("log_probs", "entropy")
-        per_token = ChunkedLogProbFunction.apply(hidden, lm_head.weight, lm_head.bias, targets, TEMPERATURE,
-                                                 chunk_size, softcap, 1.0, outputs)
-    # masked_scatter onto (b, L-1) zeros; slice_scatter allocates the same and stays data-independent
-    start = mask.shape[1] - completion
-    scattered = []
-    for x in per_token[:2]:
-        if x is None:
-            scattered.append(None)
-            continue
-        full = x.new_zeros(mask.shape).slice_scatter(x.view(mask.shape[0], completion), dim=1, start=start)
-        scattered.append(full)
-    log_probs, entropy = scattered
-    del per_token, hidden, hidden_states
+
+    def fused_forward(input_ids, attention_mask, labels):
+        # trl.trainer.utils.add_fused_lm_head's _fused_forward (the backbone and head looked up per call)
+        backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+        with autocast(state.setup):
+            backbone_outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            state.tracker.region = "head"
+            hidden_states = backbone_outputs.last_hidden_state[:, :-1]
+            del backbone_outputs
+            labels = labels[:, 1:]
+            mask = labels != -100
+            hidden = hidden_states[:, -completion:].reshape(-1, hidden_states.size(-1))  # = hidden_states[mask]
+            targets = labels[:, -completion:].reshape(-1)  # = labels[mask]
+            lm_head = causal_lm.get_output_embeddings()
+            weight, bias = lm_head.weight, lm_head.bias
+            if hasattr(weight, "full_tensor"):  # TRL: "FSDP2 exposes sharded parameters as DTensors" → gather
+                weight = weight.full_tensor()
+                bias = bias.full_tensor() if bias is not None else None
+            outputs = ("log_probs", "entropy")
+            per_token = ChunkedLogProbFunction.apply(hidden, weight, bias, targets, TEMPERATURE, chunk_size,
+                                                     softcap, 1.0, outputs)
+        # masked_scatter onto (b, L-1) zeros; slice_scatter allocates the same and stays data-independent
+        start = mask.shape[1] - completion
+        scattered = []
+        for x in per_token[:2]:
+            if x is None:
+                scattered.append(None)
+                continue
+            full = x.new_zeros(mask.shape).slice_scatter(x.view(mask.shape[0], completion), dim=1, start=start)
+            scattered.append(full)
+        return tuple(scattered)  # TRL returns them in a FusedCausalLMOutput: FSDP2 hooks its backward on them
+
+    if state.sharding is None:
+        log_probs, entropy = fused_forward(input_ids, attention_mask, labels)
+    else:
+        # TRL calls the (FSDP2 root) model, whose patched forward is the fused one: the root's hooks run
+        from .fsdp import forward_through_root
+
+        with forward_through_root(causal_lm, fused_forward):
+            log_probs, entropy = causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     logps = log_probs[:, -completion:]
     entropies = entropy[:, -completion:] if compute_entropy and entropy is not None else None
     return logps, entropies

@@ -13,6 +13,18 @@ full fine-tuning scenario where a tracker like this one took 5–10 s, docs/cpu-
 caller attribute tensors to components with knowledge that only exists at the end of the run (which storages
 became ``.grad``, which ones the optimizer holds).
 
+FSDP2 (``torch.distributed.fsdp.fully_shard``) needs three more things, found by comparing this tracker with the
+real CPU allocator under a fake process group (research notes ``distributed.md`` §5: 1.34× / 2.85× / 3.80×
+over-count at N = 1 / 4 / 8 without them, equal with them; ``tests/test_simulate_rank.py`` holds it there):
+
+* a DTensor's ``untyped_storage()`` reports the *global* size: its local tensor is what a rank holds, so
+  wrapper subclasses are unwrapped to their inner tensors (as ``torch.distributed._tools.mem_tracker`` does);
+* FSDP2 frees and re-gathers unsharded parameters with ``UntypedStorage.resize_(0)`` / ``resize_(n)``
+  (``_fsdp_param.free_storage`` / ``alloc_storage``), which no TorchDispatchMode sees: while the tracker is
+  active ``resize_`` is wrapped, and a resize is a release of the old size plus an allocation of the new one;
+* ``_c10d_functional.wait_tensor`` returns its input in eager mode, but under FakeTensorMode on a new storage:
+  it is an alias, not an allocation.
+
 This module imports torch; the simulation's ``replay`` imports it, and the package imports ``replay`` only
 when a simulation runs.
 """
@@ -23,11 +35,36 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 #: CUDA caching allocator: every block is a multiple of 512 bytes (kMinBlockSize).
 CUDA_BLOCK_BYTES = 512
+
+
+def plain_tensors(tensor):
+    """The plain tensors behind ``tensor``: itself, or a wrapper subclass's (DTensor: its local shard) inner
+    tensors, recursively."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):
+                yield from plain_tensors(inner)
+    elif isinstance(tensor, torch.Tensor):
+        yield tensor
+
+
+def _wait_tensor_ops() -> tuple:
+    ops = []
+    for namespace in ("_c10d_functional", "c10d_functional"):
+        packet = getattr(getattr(torch.ops, namespace, None), "wait_tensor", None)
+        if packet is not None:
+            try:
+                ops.append(packet.default)
+            except AttributeError:  # pragma: no cover - a torch build without the overload
+                pass
+    return tuple(ops)
 
 
 def cuda_rounded(num_bytes: int) -> int:
@@ -79,6 +116,7 @@ class LiveStorageTracker(TorchDispatchMode):
         self.records: list[AllocationRecord] = []
         self.events: list[int] = []  # alloc_id for an allocation, ~alloc_id for a release
         self.current_bytes = 0
+        self.max_bytes = 0  # the largest current_bytes since the tracker was made (phases or not)
         self.region = "setup"
         self.module = ""
         self.num_ops = 0
@@ -87,23 +125,31 @@ class LiveStorageTracker(TorchDispatchMode):
         self._registered_keys: set[int] = set()
         self._phase: PhaseMark | None = None
         self.phases: dict[str, PhaseMark] = {}
+        self._wait_ops = _wait_tensor_ops()
+        self._saved_resize = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _track(self, storage, op: str, tensor, kind: str = "op", category: str | None = None) -> int:
-        key = storage._cdata
-        existing = self._alloc_of_key.get(key)
+        existing = self._alloc_of_key.get(storage._cdata)
         if existing is not None:
             return existing
-        raw = storage.nbytes()
-        num_bytes = cuda_rounded(raw) if self.round_bytes else raw
+        return self._new_record(storage, storage.nbytes(), op, tuple(tensor.shape),
+                                str(tensor.dtype).replace("torch.", ""), kind, category)
+
+    def _new_record(self, storage, raw_bytes: int, op, shape, dtype, kind, category, region=None,
+                    module=None) -> int:
+        num_bytes = cuda_rounded(raw_bytes) if self.round_bytes else raw_bytes
         alloc_id = len(self.records)
-        self.records.append(AllocationRecord(alloc_id, num_bytes, self.region, self.module, op,
-                                             tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""),
+        key = storage._cdata
+        self.records.append(AllocationRecord(alloc_id, num_bytes, self.region if region is None else region,
+                                             self.module if module is None else module, op, shape, dtype,
                                              kind, category, key))
         self._alloc_of_key[key] = alloc_id
         self._refs[alloc_id] = weakref.ref(storage, lambda _ref, alloc_id=alloc_id: self._release(alloc_id))
         self.events.append(alloc_id)
         self.current_bytes += num_bytes
+        if self.current_bytes > self.max_bytes:
+            self.max_bytes = self.current_bytes
         phase = self._phase
         if phase is not None and self.current_bytes > phase.peak_bytes:
             phase.peak_bytes = self.current_bytes
@@ -119,32 +165,82 @@ class LiveStorageTracker(TorchDispatchMode):
         self.events.append(~alloc_id)
         self.current_bytes -= record.num_bytes
 
+    def resized(self, storage) -> None:
+        """``storage`` was just resized in place (FSDP2 frees an unsharded parameter with ``resize_(0)`` and
+        re-gathers into it with ``resize_(n)``): the old size is released and the new one is a new allocation
+        that keeps the old record's identity (op, shape, region, category). A storage the tracker never saw
+        that grows from nothing is a new allocation of the current region."""
+        key = storage._cdata
+        old_id = self._alloc_of_key.get(key)
+        raw_bytes = storage.nbytes()
+        if old_id is None:
+            if raw_bytes > 0:
+                self._new_record(storage, raw_bytes, "resize_", (raw_bytes,), "uint8", "op", None)
+            return
+        old = self.records[old_id]
+        registered = key in self._registered_keys
+        self._release(old_id)
+        if raw_bytes > 0:
+            self._new_record(storage, raw_bytes, old.op, old.shape, old.dtype, old.kind, old.category,
+                             region=old.region, module=old.module)
+            if registered:
+                self._registered_keys.add(key)
+
     def register(self, tensor: torch.Tensor, category: str, name: str) -> int:
-        """Account a tensor created outside the mode (parameters, buffers) under a fixed category."""
-        storage = tensor.untyped_storage()
-        alloc_id = self._track(storage, name, tensor, kind="registered", category=category)
-        self._registered_keys.add(storage._cdata)
+        """Account a tensor created outside the mode (parameters, buffers) under a fixed category; a DTensor
+        counts as its local shard."""
+        alloc_id = -1
+        for leaf in plain_tensors(tensor):
+            storage = leaf.untyped_storage()
+            alloc_id = self._track(storage, name, leaf, kind="registered", category=category)
+            self._registered_keys.add(storage._cdata)
         return alloc_id
 
     def alloc_id(self, tensor: torch.Tensor) -> int | None:
-        """The allocation that holds ``tensor``'s storage, if it is live and tracked."""
-        return self._alloc_of_key.get(tensor.untyped_storage()._cdata)
+        """The allocation that holds ``tensor``'s storage (a DTensor's: its local shard's), if it is live
+        and tracked."""
+        for leaf in plain_tensors(tensor):
+            return self._alloc_of_key.get(leaf.untyped_storage()._cdata)
+        return None
 
     # -- the dispatch hook ----------------------------------------------------------------------
+    def __enter__(self):
+        # FSDP2's resize_ is a method call on the storage, below any dispatch mode: wrap it while active
+        tracker, original = self, torch.UntypedStorage.resize_
+        self._saved_resize = original
+
+        def resize_(storage, size):
+            result = original(storage, size)
+            tracker.resized(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._saved_resize is not None:
+            torch.UntypedStorage.resize_ = self._saved_resize
+            self._saved_resize = None
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.num_ops += 1
+        if func in self._wait_ops:
+            return out  # an alias of its input (which was accounted when the collective produced it)
         kind = "op"
         # an autocast cast of a parameter (CPU and CUDA autocast both cast through aten._to_copy)
         if (func is torch.ops.aten._to_copy.default and args and isinstance(args[0], torch.Tensor)
+                and not is_traceable_wrapper_subclass(args[0])
                 and args[0].untyped_storage()._cdata in self._registered_keys):
             kind = "weight_cast"
-        if isinstance(out, torch.Tensor):
+        if type(out) is torch.Tensor or (isinstance(out, torch.Tensor) and not is_traceable_wrapper_subclass(out)):
             self._track(out.untyped_storage(), func.__name__, out, kind)
         else:
             for item in tree_flatten(out)[0]:
                 if isinstance(item, torch.Tensor):
-                    self._track(item.untyped_storage(), func.__name__, item, kind)
+                    for leaf in plain_tensors(item):
+                        self._track(leaf.untyped_storage(), func.__name__, leaf, kind)
         return out
 
     # -- phases ---------------------------------------------------------------------------------
