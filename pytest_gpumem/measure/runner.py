@@ -182,8 +182,11 @@ def run(setup: GRPOSetup | Mapping | str | Path, steps: int = 2, device: str = "
 
 
 def _run_child(request_path: Path, result_path: Path, work_dir: Path, env: dict[str, str], timeout_s: float,
-               progress: ProgressCallback | None) -> dict[str, Any]:
-    command = [sys.executable, "-m", "pytest_gpumem.measure.child", str(request_path), str(result_path)]
+               progress: ProgressCallback | None, command: list[str] | None = None) -> dict[str, Any]:
+    """Start ``command`` (default: one measurement child; ``launch.run_ranks``: accelerate launching N of
+    them) in its own session, stream its progress lines, enforce the timeout, read ``result_path``."""
+    if command is None:
+        command = [sys.executable, "-m", "pytest_gpumem.measure.child", str(request_path), str(result_path)]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=env, cwd=str(work_dir), start_new_session=True, text=True, errors="replace",

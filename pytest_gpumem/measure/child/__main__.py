@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .process import Child
+from .distributed import isolate_gpu, rank_of, result_path_for
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -23,12 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     request_path, result_path = Path(argv[0]), Path(argv[1])
     request = json.loads(request_path.read_text(encoding="utf-8"))
+    isolate_gpu(request)  # before torch is imported
+    from .process import Child
+
     result = Child(request).execute()
-    _write_json(result_path, result)
+    _write_json(result_path_for(request, result_path), result)
     # skip interpreter teardown of CUDA/vLLM state: the result is written, a slow or crashing exit is noise
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    # one rank of several: a failed rank exits non-zero so that the launcher stops the others (which would
+    # wait for it in a collective)
+    os._exit(1 if rank_of(request) is not None and result.get("status") != "ok" else 0)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from ..nvml import nvml_handle, nvml_memory
 from ..protocol import RESULT_SCHEMA, progress_line
 from ..sampler import PhaseTracker
 from ..snapshot import MemorySnapshot, no_cuda_reason
-from . import hooks, results, tiny
+from . import distributed, hooks, results, tiny
 from .backends import TRAINER_BACKENDS
 from .results import Skip, is_oom
 
@@ -51,6 +51,12 @@ class Child:
         self.cuda = False
         self.nvml_baseline: dict[str, Any] | None = None
         self.fault = request.get("fault")
+        self.rank = distributed.rank_of(request)
+        if request.get("fault_rank") is not None and self.rank != request["fault_rank"]:
+            self.fault = None  # the fault is for another rank
+        if self.rank is not None:
+            self.result["rank_info"] = {"rank": self.rank, "world_size": int(request["world_size"]),
+                                   "distributed": request.get("distributed")}
         self.fault_fired = False
         self.step_started: float | None = None
         self.snapshots: dict[str, Any] = {}
@@ -60,8 +66,11 @@ class Child:
 
     # -- output --------------------------------------------------------------------------------------
     def progress(self, message: str) -> None:
-        print(progress_line(time.perf_counter() - self.started, message, self.result["stage"]), file=sys.stderr,
-              flush=True)
+        if self.rank is not None:
+            message = f"[rank {self.rank}] {message}"
+        # one write per line: several ranks share the launcher's pipe, and print() writes the newline apart
+        sys.stderr.write(progress_line(time.perf_counter() - self.started, message, self.result["stage"]) + "\n")
+        sys.stderr.flush()
 
     def note(self, text: str) -> None:
         self.result["notes"].append(text)
@@ -136,6 +145,9 @@ class Child:
 
         self._stage("trainer_init")
         t0 = time.perf_counter()
+        if self.rank is not None and self.request.get("distributed") == "fsdp2" and not self.cuda:
+            distributed.promote_cpu_fsdp()
+            self.note("CPU/gloo launch: accelerate's MULTI_CPU promoted to FSDP (it ignores FSDP on CPU otherwise)")
         trainer = self._build_trainer(model, tokenizer, peft_config)
         del model
         self.trainer = trainer
@@ -151,6 +163,8 @@ class Child:
             sampler.start()
         trainer.train()
         self.result["timings_s"]["train"] = round(time.perf_counter() - t0, 3)
+        if self.rank is not None:  # after train(): the Trainer wraps (shards) the model when training starts
+            self.result["rank_info"].update(distributed.describe_rank(trainer))
         self.result["status"] = "ok"
         self._stage("done")
         self.progress(f"done: {self.result['steps_completed']} steps in {time.perf_counter() - t0:.1f}s")
