@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_gpumem.errors import GpuMemError
-from pytest_gpumem.measure.launch import accelerate_config, merge_ranks, run_ranks
+from pytest_gpumem.measure.launch import accelerate_config, merge_ranks, run_rank0, run_ranks
 from pytest_gpumem.measure.protocol import RunResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +87,38 @@ def test_two_process_fsdp2_grpo_step_on_cpu():
         assert info["local_params"] * 2 >= info["global_params"] > info["local_params"]  # a half, padded
         assert rank["host_memory"]["peak_rss_bytes"] > 0
     assert result.data["worst_rank"] in (0, 1)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def test_rank0_of_eight_in_one_process_under_a_fake_group_on_cpu():
+    """The single-device path (``gpumem run --rank0-of 8``) on CPU: TRL's real step, accelerate wrapping the
+    model with FSDP2 over a fake group of 8, rank 0 holding an eighth of it."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("trl")
+    result = run_rank0(json.loads(EXAMPLE.read_text(encoding="utf-8")), 8, steps=1, device="cpu", timeout_s=300)
+    assert result.status == "ok", (result.reason, result.data.get("output_tail", "")[-2000:])
+    info = result.data["rank_info"]
+    assert (info["world_size"], info["backend"], info["distributed_type"]) == (8, "fake", "FSDP")
+    assert info["local_params"] * 8 >= info["global_params"] > info["local_params"] * 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+def test_rank0_of_eight_measured_on_one_gpu():
+    """Rank 0 of an 8-GPU FSDP2 job, measured for real on this one GPU: the allocator's peak of a rank that
+    holds an eighth of the model states, and the gathered units on top."""
+    setup = {**json.loads(EXAMPLE.read_text(encoding="utf-8")), "dtype": "bfloat16"}
+    one = run_rank0(setup, 1, steps=2, device="cuda", timeout_s=600)
+    eight = run_rank0(setup, 8, steps=2, device="cuda", timeout_s=600)
+    for result in (one, eight):
+        assert result.status == "ok", (result.reason, result.data.get("output_tail", "")[-2000:])
+        assert result.peak_allocated_bytes and result.peak_allocated_bytes > 0
+    assert eight.data["rank_info"]["local_params"] * 8 >= eight.data["rank_info"]["global_params"]
+    assert eight.peak_allocated_bytes < one.peak_allocated_bytes  # 1/8 of params, grads and Adam states

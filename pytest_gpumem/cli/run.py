@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from ..measure.launch import LAUNCHED_STRATEGIES, run_ranks
+from ..measure.launch import LAUNCHED_STRATEGIES, run_rank0, run_ranks
 from ..measure.protocol import DEVICES
 from ..measure.runner import DEFAULT_TIMEOUT_S
 from ..measure.runner import run as run_setup
@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"kill the run after this long (default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="run N processes under accelerate launch (one per GPU; CPU + gloo without CUDA)")
+    parser.add_argument("--rank0-of", type=int, default=None, metavar="N",
+                        help="measure rank 0 of an N-GPU FSDP2 job on this one device (a fake process group)")
     parser.add_argument("--strategy", choices=LAUNCHED_STRATEGIES, default=None,
                         help="with --nproc: the sharding (default: the setup's 'distributed', else fsdp2)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
@@ -46,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         print(f"gpumem run: --nproc must be ≥ 1, got {args.nproc}", file=sys.stderr)
         return 2
-    if args.nproc > 1 or args.strategy is not None:
+    if args.rank0_of is not None:
+        if args.nproc != 1:
+            print("gpumem run: --rank0-of measures one process; drop --nproc", file=sys.stderr)
+            return 2
+        result = run_rank0(setup, args.rank0_of, steps=args.steps, device=args.device, timeout_s=args.timeout,
+                           progress=None if args.quiet else progress)
+    elif args.nproc > 1 or args.strategy is not None:
         result = run_ranks(setup, args.nproc, steps=args.steps, device=args.device, timeout_s=args.timeout,
                            progress=None if args.quiet else progress, strategy=args.strategy)
     else:

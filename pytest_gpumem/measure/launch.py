@@ -35,6 +35,7 @@ from ..errors import GpuMemError
 from ..spec import GRPOSetup
 from .protocol import DEVICES, STATUSES, RunResult
 from .runner import DEFAULT_TIMEOUT_S, ProgressCallback, _child_environment, _run_child, skip_reason
+from .runner import run as run_one
 
 #: strategies a real multi-process run launches (ZeRO needs DeepSpeed, which is not a dependency)
 LAUNCHED_STRATEGIES = ("ddp", "fsdp2")
@@ -185,3 +186,20 @@ def _worst_rank(per_rank: list[dict[str, Any] | None]) -> int | None:
     if not peaks or max(peaks) < 0:
         return None
     return peaks.index(max(peaks))
+
+
+def run_rank0(setup: GRPOSetup | Mapping | str | Path, world_size: int, steps: int = 2, device: str = "cuda",
+              timeout_s: float = DEFAULT_TIMEOUT_S, progress: ProgressCallback | None = None) -> RunResult:
+    """Measure rank 0 of a ``world_size``-GPU FSDP2 job on *one* device: the real TRL step in one measurement
+    child that joins a fake process group of ``world_size`` ranks (``child/distributed.join_fake_group``), so
+    accelerate shards the model ``1/world_size`` and every gather / reduce-scatter buffer is allocated as on
+    the real job, measured by the allocator (``torch.cuda.max_memory_*``). NCCL's own buffers are not there
+    (no communicator is made). ``device="cpu"`` runs the same on CPU (host memory only)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise GpuMemError("world_size", f"must be a whole number ≥ 1, got {world_size!r}", fix="e.g. 8")
+    setup = GRPOSetup.coerce(setup)
+    if setup.use_vllm:
+        reason = "vLLM under a fake process group is not measured (its own workers would need a real group)"
+        return RunResult("skipped", reason, {"status": "skipped", "reason": reason, "setup": setup.to_dict()})
+    return run_one(setup, steps=steps, device=device, timeout_s=timeout_s, progress=progress,
+                   fake_world_size=world_size)

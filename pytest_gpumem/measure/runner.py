@@ -131,13 +131,15 @@ def _child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
 def run(setup: GRPOSetup | Mapping | str | Path, steps: int = 2, device: str = "auto",
         timeout_s: float = DEFAULT_TIMEOUT_S, progress: ProgressCallback | None = None, *,
         fault: str | None = None, fault_message: str | None = None, env: Mapping[str, str] | None = None,
-        keep_work_dir: bool = False) -> RunResult:
+        keep_work_dir: bool = False, fake_world_size: int | None = None) -> RunResult:
     """Run ``steps`` optimizer steps of ``setup`` in a fresh subprocess and measure it.
 
     ``device``: ``"auto"`` (CUDA when the child's torch sees one, else CPU), ``"cuda"`` (a skip when there is
     none) or ``"cpu"``. ``progress`` receives human-readable lines while it runs. ``fault`` injects a failure
-    into the child (one of ``protocol.FAULTS``; for testing failure handling). Never raises for what happens in
-    the child: an OOM, a crash, a hang (``timeout_s``) or a missing backend are results.
+    into the child (one of ``protocol.FAULTS``; for testing failure handling). ``fake_world_size`` N measures
+    the process as rank 0 of an N-process FSDP2 job under a fake process group (``launch.run_rank0``). Never
+    raises for what happens in the child: an OOM, a crash, a hang (``timeout_s``) or a missing backend are
+    results.
     """
     setup = GRPOSetup.coerce(setup)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -162,6 +164,8 @@ def run(setup: GRPOSetup | Mapping | str | Path, steps: int = 2, device: str = "
     try:
         request = {"setup": setup.to_dict(), "steps": steps, "device": device, "backend": run_label(setup),
                    "work_dir": str(work_dir), "fault": fault, "fault_message": fault_message}
+        if fake_world_size:
+            request["fake_world_size"] = int(fake_world_size)
         request_path, result_path = work_dir / "request.json", work_dir / "result.json"
         request_path.write_text(json.dumps(request, default=str), encoding="utf-8")
         outcome = _run_child(request_path, result_path, work_dir, _child_environment(extra_env), timeout_s, progress)

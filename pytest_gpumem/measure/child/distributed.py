@@ -83,3 +83,26 @@ def describe_rank(trainer) -> dict[str, Any]:
             "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
             "local_params": int(sum(local(p).numel() for p in model.parameters())),
             "global_params": int(sum(p.numel() for p in model.parameters()))}
+
+
+def join_fake_group(world_size: int, device_type: str) -> dict[str, str]:
+    """Make this single process rank 0 of a ``world_size``-process FSDP2 job: a *fake* process group
+    (``torch.testing._internal.distributed.fake_pg``: collectives complete at once and move no data; every
+    buffer they need is still allocated on this device) and the environment ``accelerate launch`` gives a rank
+    of TRL's ``fsdp2.yaml`` job, so accelerate adopts the group (``PartialState`` keeps an initialised one) and
+    wraps the model with FSDP2. Returns the environment it set (recorded in the result)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    env = {"RANK": "0", "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": str(world_size),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599",
+           # accelerate launch's FSDP environment for TRL's accelerate_configs/fsdp2.yaml
+           "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+           "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+           "FSDP_CPU_RAM_EFFICIENT_LOADING": "false", "FSDP_OFFLOAD_PARAMS": "false"}
+    os.environ.update(env)
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    if device_type == "cpu":
+        promote_cpu_fsdp()
+    return env

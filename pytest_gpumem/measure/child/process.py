@@ -145,7 +145,16 @@ class Child:
 
         self._stage("trainer_init")
         t0 = time.perf_counter()
-        if self.rank is not None and self.request.get("distributed") == "fsdp2" and not self.cuda:
+        fake_world = self.request.get("fake_world_size")
+        if fake_world:
+            # one process measured as rank 0 of an N-GPU FSDP2 job (measure.launch.run_rank0)
+            self.rank = 0
+            self.result["rank_info"] = {"rank": 0, "world_size": int(fake_world), "distributed": "fsdp2",
+                                        "fake_process_group": True}
+            distributed.join_fake_group(int(fake_world), "cuda" if self.cuda else "cpu")
+            self.note(f"rank 0 of {fake_world} under a fake process group: collectives move no data, their "
+                      "buffers are allocated as in the real job")
+        elif self.rank is not None and self.request.get("distributed") == "fsdp2" and not self.cuda:
             distributed.promote_cpu_fsdp()
             self.note("CPU/gloo launch: accelerate's MULTI_CPU promoted to FSDP (it ignores FSDP on CPU otherwise)")
         trainer = self._build_trainer(model, tokenizer, peft_config)
