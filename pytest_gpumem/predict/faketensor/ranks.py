@@ -20,15 +20,17 @@ TRACED_STRATEGIES = ("fsdp2",)
 ANALYTIC_STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp1")
 FSDP_WRAPS = ("transformer_layer", "none")
 
-#: Components of a sharded rank that a single GPU does not have (names in the breakdown; bytes of this rank):
+#: Components of a sharded rank that a single GPU does not have (names in the breakdown; bytes of this rank),
+#: spelled as the per-rank estimate's ``Component.GATHERED_PARAMS`` / ``REDUCE_BUCKETS`` / ``WEIGHT_SYNC``
+#: (branch i13) so that the two compare by name:
 #: FSDP2's all-gathered units in ``param_dtype`` with their all-gather buffers (the root-only reference model
 #: gathers all of itself at once) ...
-GATHERED_PARAMS = "fsdp_gathered_params"
+GATHERED_PARAMS = "gathered_params"
 #: ... a unit's full-size gradients before its reduce-scatter (accumulated across micro-steps under no_sync)
 #: and the reduce-scatter's input/output buffers ...
-UNSHARDED_GRADIENTS = "fsdp_unsharded_gradients"
+UNSHARDED_GRADIENTS = "reduce_buckets"
 #: ... and the full parameter TRL's FSDP2 weight sync to vLLM gathers (``full_tensor()``, one at a time).
-WEIGHT_SYNC = "weight_sync"
+WEIGHT_SYNC = "weight_sync_gather"
 #: the tracker regions fsdp.py sets while FSDP2 gathers / reduces, and replay.py while TRL syncs vLLM
 ALL_GATHER_REGION = "fsdp_all_gather"
 REDUCE_SCATTER_REGION = "fsdp_reduce_scatter"
