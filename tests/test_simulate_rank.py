@@ -167,6 +167,20 @@ def test_rank_breakdown_shards_the_model_states_and_gathers_what_trl_gathers():
     assert eight.components("persistent")["weights"] < persistent["weights"]
 
 
+def test_simulate_reads_the_setups_multi_gpu_keys():
+    """``simulate(setup)`` of a setup with ``world_size`` and ``distributed`` is rank 0's breakdown."""
+    from pytest_gpumem.predict.faketensor import simulate
+
+    keyed = simulate({**SMALL, "world_size": 8, "distributed": "fsdp2"})
+    overridden = simulate_rank(SMALL, world_size=8)  # the same shards (the batch differs: TRL counts ranks)
+    for component in ("weights", "optimizer_states", "gathered_params"):
+        assert keyed.components("training")[component] == overridden.components("training")[component]
+    assert keyed.total("persistent") < simulate(SMALL).total("persistent")  # one GPU holds everything
+    with pytest.raises(SimulationError) as info:
+        simulate({**SMALL, "world_size": 8, "distributed": "zero3"})
+    assert info.value.field == "distributed" and "gpumem estimate" in str(info.value)
+
+
 @pytest.mark.parametrize("strategy", ["zero2", "zero3", "ddp", "fsdp1"])
 def test_untraced_strategies_are_refused_with_the_estimate_as_the_fix(strategy):
     with pytest.raises(SimulationError) as info:

@@ -126,8 +126,12 @@ def simulate_rank(setup: GRPOSetup | Mapping | str | Path, world_size: int | Non
     """Rank ``rank``'s breakdown of a ``world_size``-process ``strategy`` job (each argument defaults to the
     setup's own key): the step replayed on CPU under a fake process group, the policy wrapped by accelerate's
     FSDP2, the reference by TRL's root-only wrap, and TRL's weight sync to vLLM when ``use_vllm``. Only
-    ``"fsdp2"`` is traced; ZeRO and DDP raise :class:`SimulationError` pointing to the estimate."""
-    return run_simulation(setup, world_size=world_size, strategy=strategy or "fsdp2",
+    ``"fsdp2"`` is traced; ZeRO and DDP raise :class:`SimulationError` pointing to the estimate. A one-GPU
+    setup given a ``world_size`` is simulated as FSDP2."""
+    setup = GRPOSetup.coerce(setup)
+    if strategy is None:
+        strategy = setup.distributed if setup.distributed not in (None, "none") else "fsdp2"
+    return run_simulation(setup, world_size=world_size, strategy=strategy,
                           reshard_after_forward=reshard_after_forward, fsdp_wrap=fsdp_wrap, rank=rank).breakdown
 
 
