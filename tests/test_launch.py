@@ -122,3 +122,20 @@ def test_rank0_of_eight_measured_on_one_gpu():
         assert result.peak_allocated_bytes and result.peak_allocated_bytes > 0
     assert eight.data["rank_info"]["local_params"] * 8 >= eight.data["rank_info"]["global_params"]
     assert eight.peak_allocated_bytes < one.peak_allocated_bytes  # 1/8 of params, grads and Adam states
+
+
+def test_a_launched_rank_sees_only_its_gpu_and_writes_its_own_result(monkeypatch):
+    from pytest_gpumem.measure.child import distributed
+
+    request = {"world_size": 2, "device": "auto"}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert distributed.rank_of(request) == 1
+    assert distributed.result_path_for(request, Path("/w/result.json")) == Path("/w/result.rank1.json")
+    distributed.isolate_gpu(request)
+    import os
+
+    assert (os.environ["CUDA_VISIBLE_DEVICES"], os.environ["LOCAL_RANK"]) == ("5", "0")
+    assert distributed.rank_of({"device": "cpu"}) is None  # a one-process request has no world_size
+    assert distributed.result_path_for({}, Path("/w/result.json")) == Path("/w/result.json")

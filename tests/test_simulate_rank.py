@@ -11,6 +11,7 @@ pytest.importorskip("transformers", reason="the simulation needs transformers")
 pytest.importorskip("accelerate", reason="the FSDP2 wrap is accelerate's")
 pytest.importorskip("trl", reason="the simulation needs trl")
 
+from pytest_gpumem.measure.profiling import cpu_allocator_peak_bytes  # noqa: E402
 from pytest_gpumem.predict.faketensor import (  # noqa: E402
     GATHERED_PARAMS,
     UNSHARDED_GRADIENTS,
@@ -85,23 +86,6 @@ def test_tracker_resize_releases_and_reallocates():
     tracker.close()
 
 
-def _allocator_peak_bytes(prof) -> int:
-    """The CPU allocator's peak over a profile: its Allocation events (alloc_size > 0 allocates, < 0 frees) in
-    time order. (Replaying ops' net ``self_cpu_memory_usage`` instead, as the research prototype did, moves
-    frees to the end of their parent op and reads up to one activation high.)"""
-    from torch._C._profiler import _EventType
-    from torch.profiler._utils import traverse_dfs
-
-    events = sorted((node.start_time_ns, node.typed[1].alloc_size)
-                    for node in traverse_dfs(prof.profiler.kineto_results.experimental_event_tree())
-                    if node.typed[0] == _EventType.Allocation)
-    current = peak = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak
-
-
 @pytest.mark.parametrize("world_size, changes", [
     (8, {}),
     (2, {"beta": 0.04, "use_vllm": True}),  # the root-only reference model and the weight sync
@@ -121,7 +105,7 @@ def test_simulation_equals_the_cpu_allocator_running_the_same_step(world_size, c
     real = replay.Replay(setup, setup.model_spec, sharding=plan, round_bytes=False, real_tensors=True,
                          observer=profiler)
     replay.run(real)
-    allocator_peak = real.base_bytes + _allocator_peak_bytes(profiler)
+    allocator_peak = real.base_bytes + cpu_allocator_peak_bytes(profiler)
     assert abs(fake.tracker.max_bytes - allocator_peak) <= GROUND_TRUTH_BOUND_BYTES, (
         fake.tracker.max_bytes, allocator_peak)
     assert real.tracker.max_bytes == allocator_peak  # on real tensors the tracker sees every byte

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .distributed import isolate_gpu, rank_of, result_path_for
+from .process import Child  # imports no torch at its top: isolate_gpu still runs before torch
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -24,8 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     request_path, result_path = Path(argv[0]), Path(argv[1])
     request = json.loads(request_path.read_text(encoding="utf-8"))
     isolate_gpu(request)  # before torch is imported
-    from .process import Child
-
     result = Child(request).execute()
     _write_json(result_path_for(request, result_path), result)
     # skip interpreter teardown of CUDA/vLLM state: the result is written, a slow or crashing exit is noise

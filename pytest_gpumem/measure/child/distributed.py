@@ -7,7 +7,7 @@ writes its result, its GPU, and the CPU-only FSDP fix.
 * accelerate 1.16's ``AcceleratorState`` turns FSDP on only for GPU-type process groups (``state.py``: the
   ``DistributedType.MULTI_GPU, MULTI_MLU, …`` list has no ``MULTI_CPU``), so a CPU/gloo launch of an FSDP
   config silently trains DDP. :func:`promote_cpu_fsdp` promotes ``MULTI_CPU`` to ``FSDP`` with the launch's
-  plugin (research notes ``distributed.md`` §6: with it the params are DTensors, half per rank).
+  plugin (docs/distributed-simulation.md §4: with it the params are DTensors, half per rank).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+
+from ..nvml import nvml_device_count, visible_device_entries
 
 
 def rank_of(request: dict[str, Any]) -> int | None:
@@ -33,8 +35,6 @@ def isolate_gpu(request: dict[str, Any]) -> None:
     """Before torch is imported: show this rank only its own GPU (see the module docstring)."""
     if rank_of(request) is None or request.get("device") == "cpu" or "LOCAL_RANK" not in os.environ:
         return
-    from ..nvml import nvml_device_count, visible_device_entries
-
     entries = visible_device_entries(dict(os.environ))
     if entries is None:
         count, _reason = nvml_device_count()

@@ -4,7 +4,7 @@ setups it refuses. Torch-free: the CLI and the plugin read it without starting a
 A simulation of rank ``r`` of ``N`` runs in one CPU process under a *fake* process group
 (``torch.testing._internal.distributed.fake_pg``: every collective returns at once, every buffer it needs is
 still allocated), so the rank's tensors — its shards, the all-gathered units, the reduce-scatter inputs — are
-exactly those of the real job (research notes ``distributed.md`` §5). Only FSDP2 is traced: ZeRO lives in
+exactly those of the real job (docs/distributed-simulation.md §2). Only FSDP2 is traced: ZeRO lives in
 DeepSpeed's own engine (its flat buffers and bucket allocations happen in DeepSpeed, not in the step we replay)
 and DDP's reducer allocates its buckets in C++ outside any dispatch mode; both are estimated analytically.
 """

@@ -14,7 +14,7 @@ caller attribute tensors to components with knowledge that only exists at the en
 became ``.grad``, which ones the optimizer holds).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) needs three more things, found by comparing this tracker with the
-real CPU allocator under a fake process group (research notes ``distributed.md`` §5: 1.34× / 2.85× / 3.80×
+real CPU allocator under a fake process group (docs/distributed-simulation.md §2: 1.34× / 2.85× / 3.80×
 over-count at N = 1 / 4 / 8 without them, equal with them; ``tests/test_simulate_rank.py`` holds it there):
 
 * a DTensor's ``untyped_storage()`` reports the *global* size: its local tensor is what a rank holds, so
