@@ -177,3 +177,15 @@ def test_lora_under_fsdp2_is_refused():
     with pytest.raises(SimulationError) as info:
         simulate_rank({**SMALL, "lora_rank": 8}, world_size=2)
     assert info.value.field == "lora_rank"
+
+
+def test_cli_simulates_rank0_from_the_setup_keys(capsys):
+    from pathlib import Path
+
+    from pytest_gpumem.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "examples" / "setups" / "tiny-qwen2-cpu.json")
+    assert main(["simulate", "--setup", tiny, "--world-size", "4", "--distributed", "fsdp2"]) == 0
+    assert "rank 0 of 4 (fsdp2) under a fake process group" in capsys.readouterr().out
+    assert main(["simulate", "--setup", tiny, "--world-size", "4", "--distributed", "zero3"]) == 2
+    assert "distributed='zero3' is not simulated" in capsys.readouterr().err

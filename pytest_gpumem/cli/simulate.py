@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     spec = result.model
     header = (f"{spec.name}: {spec.num_params / 1e9:.2f}B params ({spec.model_type}), simulated on CPU "
               f"(FakeTensorMode) in {result.elapsed_seconds:.1f} s, b={setup.per_device_train_batch_size} "
-              f"P={setup.max_prompt_length} C={setup.max_completion_length} logits={setup.logits}")
+              f"P={setup.max_prompt_length} C={setup.max_completion_length} logits={setup.logits}"
+              + (f", {result.sharding.describe()} under a fake process group" if result.sharding else ""))
     details = ["", f"largest tensors alive at the peak ({result.peak_phase}):"]
     details += [f"  {format_gib(tensor['bytes']):>12}  {tensor['component']:<22} {tensor['name']}: "
                 f"{tensor['op']} {tuple(tensor['shape'])} {tensor['dtype']}" for tensor in result.peak_tensors()]
