@@ -189,3 +189,16 @@ def test_cli_simulates_rank0_from_the_setup_keys(capsys):
     assert "rank 0 of 4 (fsdp2) under a fake process group" in capsys.readouterr().out
     assert main(["simulate", "--setup", tiny, "--world-size", "4", "--distributed", "zero3"]) == 2
     assert "distributed='zero3' is not simulated" in capsys.readouterr().err
+
+
+def test_the_fsdp2_knobs_change_what_is_gathered():
+    """``reshard_after_forward=False`` keeps every unit gathered after forward; ``fsdp_wrap='none'`` (the root
+    only) gathers the whole model at once: both hold more gathered bf16 parameters in training than the
+    per-layer, resharding default."""
+    default = simulate_rank(SMALL, world_size=4).components("training")[GATHERED_PARAMS]
+    kept = simulate_rank(SMALL, world_size=4, reshard_after_forward=False).components("training")[GATHERED_PARAMS]
+    root = simulate_rank(SMALL, world_size=4, fsdp_wrap="none").components("training")[GATHERED_PARAMS]
+    assert kept > default and root > default
+    with pytest.raises(SimulationError) as info:
+        simulate_rank(SMALL, world_size=4, fsdp_wrap="size_based")
+    assert info.value.field == "fsdp_wrap"
