@@ -27,7 +27,10 @@ from pytest_gpumem.spec import GRPOSetup  # noqa: E402
 
 SMALL = {"model": reduced_config("Qwen/Qwen2.5-0.5B", 2), "per_device_train_batch_size": 2, "num_generations": 2,
          "max_prompt_length": 32, "max_completion_length": 32}
-CASES = [(1, {}), (4, {}), (8, {"beta": 0.04}), (2, {"use_vllm": True}), (2, {"gradient_accumulation_steps": 2})]
+CASES = [(1, {}), (4, {}), (8, {"beta": 0.04}), (2, {"use_vllm": True}), (2, {"gradient_accumulation_steps": 2}),
+         (4, {"lora_rank": 8, "use_vllm": True})]
+if len(sys.argv) > 1:  # e.g. `python benchmarks/rank_ground_truth.py 5`: only the sixth case
+    CASES = [CASES[int(i)] for i in sys.argv[1:]]
 
 
 def main() -> int:

@@ -173,10 +173,16 @@ def test_untraced_strategies_are_refused_with_the_estimate_as_the_fix(strategy):
     assert "gpumem estimate" in str(info.value)
 
 
-def test_lora_under_fsdp2_is_refused():
-    with pytest.raises(SimulationError) as info:
-        simulate_rank({**SMALL, "lora_rank": 8}, world_size=2)
-    assert info.value.field == "lora_rank"
+def test_lora_under_fsdp2_shards_the_frozen_base_and_syncs_vllm_merged():
+    """PEFT under FSDP2: the frozen base is sharded in its loaded dtype, the adapters are trained in fp32, and
+    TRL's weight sync (merge_adapter, then every base parameter's full_tensor()) gathers the largest one."""
+    breakdown = simulate_rank({**SMALL, "lora_rank": 8, "use_vllm": True}, world_size=4)
+    persistent = breakdown.components("persistent")
+    assert persistent["lora_params"] < persistent["weights"] // 100
+    assert persistent["optimizer_states"] < persistent["weights"] // 100  # AdamW only on the adapters
+    spec = GRPOSetup.coerce(SMALL).model_spec
+    assert breakdown.components("generation")[WEIGHT_SYNC] == spec.vocab_size * spec.hidden_size * 4  # fp32 embed
+    assert "gradients" not in persistent and breakdown.components("training")[GATHERED_PARAMS] > 0
 
 
 def test_cli_simulates_rank0_from_the_setup_keys(capsys):

@@ -92,18 +92,29 @@ def shard_reference(model, accelerator):
 
 
 def sync_weights(model, accelerator) -> int:
-    """TRL's FSDP2 → vLLM weight sync on this rank: each parameter gathered in full and handed on (dropped
-    here, as ``load_weights`` copies it into vLLM's own weights). Returns the number of parameters synced."""
+    """TRL's FSDP2 → vLLM weight sync on this rank (``VLLMGeneration._iter_named_params``: with PEFT,
+    ``merge_adapter()`` first, then each parameter gathered in full by ``_iter_fsdp2_params``), every
+    parameter dropped once handed on, as ``load_weights`` copies it into vLLM's own weights. Returns the number
+    of parameters synced."""
     try:
         from trl.generation.vllm_generation import VLLMGeneration
-        iterate = VLLMGeneration._iter_fsdp2_params
+
+        methods = {name: getattr(VLLMGeneration, name)
+                   for name in ("_iter_named_params", "_iter_fsdp_params", "_iter_fsdp2_params")}
     except (ImportError, AttributeError):
-        raise SimulationError("use_vllm", "this trl has no VLLMGeneration._iter_fsdp2_params (trl 1.16's FSDP2 "
-                              "weight sync)", fix="install trl 1.16, or simulate use_vllm=false") from None
-    stand_in = types.SimpleNamespace(accelerator=accelerator,
-                                     _fix_param_name_to_vllm=lambda name, extra_prefixes=None: name)
+        raise SimulationError("use_vllm", "this trl has no VLLMGeneration._iter_named_params / _iter_fsdp2_params "
+                              "(trl 1.16's FSDP2 weight sync)", fix="install trl 1.16, or simulate use_vllm=false"
+                              ) from None
+    # what those methods read from the generation object: the model, its distributed mode, the name fix-up
+    stand_in = types.SimpleNamespace(
+        model=model, accelerator=accelerator,
+        _dist=types.SimpleNamespace(is_fsdp=True, fsdp_version=2,
+                                    gather_params=lambda params: contextlib.nullcontext()),  # a no-op under FSDP
+        _fix_param_name_to_vllm=lambda name, extra_prefixes=None: name)
+    for name, method in methods.items():
+        setattr(stand_in, name, types.MethodType(method, stand_in))
     count = 0
-    for _name, full in iterate(stand_in, model):
+    for _name, full in stand_in._iter_named_params():
         del full
         count += 1
     return count

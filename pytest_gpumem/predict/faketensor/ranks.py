@@ -93,10 +93,6 @@ def plan_for(setup, world_size: int | None = None, strategy: str | None = None,
     if getattr(setup, "offload_params", False):
         raise SimulationError("offload_params", "FSDP2's CPUOffloadPolicy is not simulated (the shards would "
                               "live in host memory)", fix="use `gpumem estimate`, or offload_params=false")
-    if getattr(setup, "is_lora", False):
-        raise SimulationError("lora_rank", "LoRA under FSDP2 is not simulated yet (TRL merges the adapters "
-                              "into the gathered model to sync vLLM)", fix="use `gpumem estimate` for LoRA + "
-                                                                            "FSDP2, or simulate full fine-tuning")
     if getattr(setup, "load_in_4bit", False):
         raise SimulationError("load_in_4bit", "a 4-bit base under FSDP2 is not simulated",
                               fix="use `gpumem estimate`")

@@ -36,6 +36,7 @@ class Replay:
         self.setup = setup
         self.sharding = sharding  # None: one GPU; else the rank of the FSDP2 job replayed (ranks.py)
         self.accelerator = None  # the stand-in fsdp.py hands accelerate's and TRL's FSDP2 functions
+        self.fsdp_roots: dict[int, object] = {}  # id(causal LM) → the FSDP root module that wraps it
         self.unsharded_grad_ids: set[int] = set()  # FSDP2: allocations that were a unit's unsharded gradients
         # the ground truth of tests/test_simulate_rank.py: the same replay on real (empty) CPU tensors, with
         # ``observer`` (a context manager, e.g. torch.profiler) around the tracked step, sizes unrounded
@@ -100,6 +101,10 @@ def _run(state: Replay, mesh) -> Breakdown:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     causal_lm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     state.causal_lm = causal_lm
+    if state.sharding is not None:
+        state.fsdp_roots = {id(causal_lm): policy}
+        if reference is not None:
+            state.fsdp_roots[id(reference)] = reference
     policy.train()
     named = list(policy.named_modules())
     if reference is not None:

@@ -119,7 +119,7 @@ def logps_chunked(state: Replay, model, input_ids, attention_mask, compute_entro
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, :-completion] = -100
 
-    def fused_forward(input_ids, attention_mask, labels):
+    def fused_forward(input_ids=None, attention_mask=None, labels=None, **_ignored):  # PEFT passes more
         # trl.trainer.utils.add_fused_lm_head's _fused_forward (the backbone and head looked up per call)
         backbone = getattr(causal_lm, causal_lm.base_model_prefix)
         with autocast(state.setup):
@@ -156,8 +156,10 @@ def logps_chunked(state: Replay, model, input_ids, attention_mask, compute_entro
         # TRL calls the (FSDP2 root) model, whose patched forward is the fused one: the root's hooks run
         from .fsdp import forward_through_root
 
+        # the FSDP root: the causal LM itself, or the PeftModel around it (whose forward reaches the patched one)
+        root = state.fsdp_roots.get(id(causal_lm), causal_lm)
         with forward_through_root(causal_lm, fused_forward):
-            log_probs, entropy = causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            log_probs, entropy = root(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     logps = log_probs[:, -completion:]
     entropies = entropy[:, -completion:] if compute_entropy and entropy is not None else None
     return logps, entropies
