@@ -205,6 +205,9 @@ def test_the_fsdp2_knobs_change_what_is_gathered():
     kept = simulate_rank(SMALL, world_size=4, reshard_after_forward=False).components("training")[GATHERED_PARAMS]
     root = simulate_rank(SMALL, world_size=4, fsdp_wrap="none").components("training")[GATHERED_PARAMS]
     assert kept > default and root > default
+    # pure fp32 (bf16=False): accelerate's mixed precision "no", so the units are gathered in fp32
+    pure = simulate_rank({**SMALL, "bf16": False}, world_size=4).components("training")[GATHERED_PARAMS]
+    assert pure == 2 * default
     with pytest.raises(SimulationError) as info:
         simulate_rank(SMALL, world_size=4, fsdp_wrap="size_based")
     assert info.value.field == "fsdp_wrap"

@@ -73,8 +73,13 @@ def accelerator_stand_in(plan: ShardingPlan, mesh, mixed_precision: str):
 
 
 def mixed_precision_of(setup) -> str:
-    """accelerate's mixed-precision mode for TRL's defaults: bf16=True, or fp16 for float16 weights."""
-    return "fp16" if setup.dtype == "float16" else "bf16"
+    """accelerate's mixed-precision mode, as ``step.autocast`` reads the setup: TRL's default bf16=True, fp16
+    for float16 weights or fp16=True, and none for pure fp32 (bf16=False on fp32 weights)."""
+    if setup.dtype == "float16" or getattr(setup, "fp16", None):
+        return "fp16"
+    if setup.dtype == "float32" and getattr(setup, "bf16", None) is False:
+        return "no"
+    return "bf16"
 
 
 def shard_policy(model, accelerator):
