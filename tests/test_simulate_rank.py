@@ -207,7 +207,7 @@ def test_the_fsdp2_knobs_change_what_is_gathered():
     assert kept > default and root > default
     # pure fp32 (bf16=False): accelerate's mixed precision "no", so the units are gathered in fp32
     pure = simulate_rank({**SMALL, "bf16": False}, world_size=4).components("training")[GATHERED_PARAMS]
-    assert pure == 2 * default
+    assert abs(pure - 2 * default) <= 512 * 4  # twice the bytes, up to the 512-B rounding of a few buffers
     with pytest.raises(SimulationError) as info:
         simulate_rank(SMALL, world_size=4, fsdp_wrap="size_based")
     assert info.value.field == "fsdp_wrap"
