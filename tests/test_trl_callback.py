@@ -198,11 +198,11 @@ def test_the_live_reader_handles_chat_prompts_optimizers_and_several_processes()
     args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1, steps_per_generation=1,
                            num_generations=8, max_prompt_length=64, max_completion_length=32, world_size=4)
     setup, notes = live.setup_from_trainer(None, args=args, model=model)
-    assert setup.per_device_train_batch_size == 2 and any("4 processes" in note for note in notes)
-    if hasattr(setup, "world_size"):  # the setup models several processes (issue 13)
-        assert setup.world_size == 4
+    assert setup.per_device_train_batch_size == 2
+    if hasattr(setup, "world_size"):  # the setup models several processes (issue 13): no per-process stand-in
+        assert setup.world_size == 4 and setup.num_generations == 8
     else:  # estimated per process, with the largest group size the per-process batch divides
-        assert setup.num_generations == 2
+        assert setup.num_generations == 2 and any("4 processes" in note for note in notes)
 
 
 # -- the early warning ----------------------------------------------------------------------------------------
