@@ -37,6 +37,24 @@ class Phase(str, Enum):
 PHASE_ORDER = [p.value for p in Phase]
 
 
+class Role(str, Enum):
+    """Whose memory a breakdown is, in a multi-GPU job (a one-GPU breakdown has no roles)."""
+
+    RANK0 = "rank0"  # training rank 0: the largest padded shard and anything only the main process does
+    OTHER_RANKS = "rank1+"  # the worst of the other training ranks
+    HOST = "host"  # CPU memory of one machine: what ZeRO / FSDP offload put there (all its ranks together)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: the roles that are training GPUs: a budget per GPU is judged on the worst of them. A GPU that is not a
+#: training rank (issue 14's vLLM server) is a role of its own outside this set, reported beside the ranks.
+TRAINER_ROLES = frozenset({Role.RANK0.value, Role.OTHER_RANKS.value})
+#: roles that are not GPU memory at all
+HOST_ROLES = frozenset({Role.HOST.value})
+
+
 class Component(str, Enum):
     """Canonical component names (bytes)."""
 
@@ -60,6 +78,11 @@ class Component(str, Enum):
     ATTENTION_MASK = "attention_mask"  # SDPA's materialised 4-D mask
     WEIGHT_CASTS = "autocast_weight_copies"  # bf16 copies of fp32 weights under autocast
     BATCH_BUFFERS = "batch_buffers"  # the buffered generation batch: ids, masks, advantages
+    MASTER_WEIGHTS = "master_weights"  # DeepSpeed's fp32 partition of the trained parameters (this rank's share)
+    GATHERED_PARAMS = "gathered_params"  # ZeRO-3 / FSDP all-gathered (unsharded) parameters, live while used
+    REDUCE_BUCKETS = "reduce_buckets"  # DDP buckets, ZeRO's IPG bucket, FSDP's reduce-scatter input
+    WEIGHT_SYNC = "weight_sync_gather"  # parameters gathered to push to vLLM (TRL's sync_weights)
+    NCCL_BUFFERS = "nccl_buffers"  # NCCL communicator buffers (non-torch)
     ALLOCATOR_SLACK = "allocator_slack"  # reserved-but-unallocated (caching allocator)
     OTHER = "other"  # measured bytes not attributed to any of the above
 
@@ -78,12 +101,20 @@ class Breakdown:
     ``origins[phase][component]`` names the producer of a component when it is not ``source``: the whole step
     judged in simulate mode is the simulated torch tensors plus the estimate's parts a simulation cannot see
     (``predict.analytic.whole_step``), each labelled by where it came from.
+
+    A multi-GPU job has one breakdown per *role* (:class:`Role`: rank 0, the other ranks, host memory):
+    ``roles[role]`` holds each role's phases, and the top-level ``phases`` are those of the worst training
+    GPU (``worst_role``), so everything that reads one GPU's phases reads the GPU that runs out first.
     """
 
     phases: Mapping[str, Mapping[str, int]]
     source: str = "estimate"
     largest_tensors: tuple = field(default=())
     origins: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: role -> phase -> component -> bytes; empty for one GPU
+    roles: Mapping[str, Mapping[str, Mapping[str, int]]] = field(default_factory=dict)
+    #: the role whose phases are ``phases`` (None for one GPU)
+    worst_role: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise enum keys to their string values and drop zero components, so that two breakdowns
@@ -98,6 +129,36 @@ class Breakdown:
                                 if str(origin) != self.source and str(name) in normalised.get(str(phase), {})}
                    for phase, by_name in self.origins.items()}
         object.__setattr__(self, "origins", {phase: by_name for phase, by_name in origins.items() if by_name})
+        roles = {str(role): Breakdown(phases, source=self.source).phases for role, phases in self.roles.items()}
+        object.__setattr__(self, "roles", roles)
+
+    @classmethod
+    def from_roles(cls, roles: Mapping[str, Mapping[str, Mapping[str, int]]], source: str) -> "Breakdown":
+        """One breakdown of a multi-GPU job: the top level is the worst training GPU (ties: the earlier role)."""
+        gpus = [str(r) for r in roles if str(r) in TRAINER_ROLES]
+        if not gpus:
+            raise GpuMemError("roles", "a multi-GPU breakdown needs at least one training rank",
+                              fix=f"give one of {', '.join(sorted(TRAINER_ROLES))}")
+        by_peak = {r: cls(phases=roles[r], source=source).peak_bytes for r in gpus}
+        worst = max(gpus, key=lambda r: (by_peak[r], -gpus.index(r)))
+        return cls(phases=roles[worst], source=source, roles=dict(roles), worst_role=worst)
+
+    def role(self, name: str | Role) -> "Breakdown":
+        """The breakdown of one role (the whole breakdown for a one-GPU job asked for rank 0)."""
+        name = str(name)
+        if not self.roles and name == Role.RANK0.value:
+            return Breakdown(phases=self.phases, source=self.source)
+        if name not in self.roles:
+            raise GpuMemError("role", f"no role {name!r} in this breakdown",
+                              fix=f"use one of {', '.join(self.roles) or Role.RANK0.value}")
+        return Breakdown(phases=self.roles[name], source=self.source)
+
+    def role_names(self) -> list[str]:
+        return list(self.roles)
+
+    def gpu_role_names(self) -> list[str]:
+        """The roles that are GPU memory (training ranks and any other GPU), in order."""
+        return [r for r in self.roles if r not in HOST_ROLES]
 
     # -- reading --------------------------------------------------------------------------------
     def phase_names(self) -> list[str]:
@@ -181,12 +242,27 @@ class Breakdown:
             data["largest_tensors"] = [dict(t) for t in self.largest_tensors]
         if self.origins:
             data["origins"] = {phase: dict(by_name) for phase, by_name in self.origins.items()}
+        data.update(self.roles_dict())
         return data
+
+    def roles_dict(self) -> dict:
+        """``{"roles": {...}, "worst_role": ...}`` when there is more than one role, else ``{}`` (a one-GPU
+        breakdown's JSON is what it always was)."""
+        if len(self.roles) <= 1:
+            return {}
+        roles = {}
+        for name in self.roles:
+            one = self.role(name)
+            roles[name] = {"phases": {p: dict(one.phases[p]) for p in one.phase_names()},
+                           "peak_phase": one.peak_phase, "peak_bytes": one.peak_bytes}
+        return {"roles": roles, "worst_role": self.worst_role}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Breakdown":
+        roles = {name: role["phases"] for name, role in (data.get("roles") or {}).items()}
         return cls(phases=data["phases"], source=data.get("source", "estimate"),
-                   largest_tensors=tuple(data.get("largest_tensors", ())), origins=data.get("origins") or {})
+                   largest_tensors=tuple(data.get("largest_tensors", ())), origins=data.get("origins") or {},
+                   roles=roles, worst_role=data.get("worst_role"))
 
     @classmethod
     def from_phases(cls, phases: Iterable[tuple[str | Phase, Mapping[str, int]]], source: str) -> "Breakdown":
@@ -247,6 +323,7 @@ class PeakJudgement:
             "headroom_bytes": self.headroom_bytes,
             "gpu": self.gpu.to_dict() if self.gpu else None,
             "phases": self.breakdown.to_dict()["phases"],
+            **self.breakdown.roles_dict(),
             "assumptions": list(self.assumptions),
             "warnings": list(self.warnings),
             "setup": self.setup.to_dict(),

@@ -227,7 +227,7 @@ def test_component_colours_are_distinct_and_stable():
     canonical = [COMPONENT_COLOURS[c.value] for c in Component]
     assert len(set(canonical)) == len(canonical)
     assert BUDGET_COLOUR not in canonical and BASELINE_COLOUR not in canonical
-    assert component_colour("nccl_buffers") == component_colour("nccl_buffers") in EXTRA_COLOURS
+    assert component_colour("measured_other_bucket") == component_colour("measured_other_bucket") in EXTRA_COLOURS
 
 
 def test_write_html_creates_the_file(tmp_path):

@@ -43,6 +43,11 @@ COMPONENT_COLOURS = {
     Component.ATTENTION_MASK.value: "#f7b6d2",
     Component.WEIGHT_CASTS.value: "#9edae5",
     Component.BATCH_BUFFERS.value: "#393b79",
+    Component.MASTER_WEIGHTS.value: "#5254a3",
+    Component.GATHERED_PARAMS.value: "#6b6ecf",
+    Component.REDUCE_BUCKETS.value: "#bd9e39",
+    Component.WEIGHT_SYNC.value: "#8ca252",
+    Component.NCCL_BUFFERS.value: "#b5cf6b",
     Component.ALLOCATOR_SLACK.value: "#d9d9d9",
     Component.OTHER.value: "#525252",
 }

@@ -26,7 +26,7 @@ from ...breakdown import Breakdown, PeakJudgement
 from ...gpus import GPU, resolve_gpu
 from ...models import ModelSpec
 from ...spec import GRPOSetup
-from . import phases, vllm
+from . import parallel, phases, vllm
 from .context import Ctx
 
 
@@ -48,13 +48,16 @@ def estimate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | Non
     """Predict the per-phase memory of ``setup`` (optionally judged against ``gpu``: a size or card name)."""
     ctx = Ctx.of(GRPOSetup.coerce(setup), resolve_gpu(gpu))
     _note_assumptions(ctx)
-    by_phase, persistent = phases.step(ctx)
-    breakdown = Breakdown(phases=by_phase, source="estimate")
+    if ctx.setup.is_distributed:
+        breakdown, persistent, compute = parallel.estimate_roles(ctx)
+    else:
+        by_phase, persistent = phases.step(ctx)
+        breakdown, compute = Breakdown(phases=by_phase, source="estimate"), ctx
     peak_phase = breakdown.peak_phase
     tensors = ctx.notes.tensors
     candidates = [t for t in tensors if t[0] == peak_phase] or tensors
     largest = max(candidates, key=lambda t: t[2]) if candidates else (peak_phase, "none", 0)
-    vllm.check_start(ctx, persistent)
+    vllm.check_start(compute, persistent)
     setup, notes = ctx.setup, ctx.notes
     if setup.use_vllm and setup.vllm_mode == "server":
         notes.assumptions.append("vllm_mode='server': vLLM runs on other GPUs, none of its memory is on this one")

@@ -52,5 +52,5 @@ for _member in Phase:
     setattr(P, _member.name, _member.value)
 del _member
 #: components outside torch's caching allocator (the context) or in vLLM's own pool: no allocator slack
-NOT_TORCH_ALLOCATED = frozenset([Component.CUDA_CONTEXT.value] + [c.value for c in Component
-                                                                  if c.value.startswith("vllm_")])
+NOT_TORCH_ALLOCATED = frozenset([Component.CUDA_CONTEXT.value, Component.NCCL_BUFFERS.value]
+                                + [c.value for c in Component if c.value.startswith("vllm_")])

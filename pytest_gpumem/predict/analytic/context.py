@@ -43,9 +43,13 @@ class Ctx:
     #: bytes per element of what the Linears compute in: 2 under bf16/fp16 autocast or 16-bit weights; 4 for
     #: pure fp32 (``bf16=False`` and no ``fp16`` with fp32 weights: no autocast, every activation fp32)
     compute_bytes: int = 2
+    #: the dtype the weights were loaded in (the setup's); the compute dtype differs under ZeRO / FSDP, whose
+    #: mixed precision computes in bf16 whatever was loaded
+    loaded_dtype: str = ""
 
     @classmethod
-    def of(cls, setup: GRPOSetup, gpu: GPU | None) -> "Ctx":
+    def of(cls, setup: GRPOSetup, gpu: GPU | None, loaded_dtype: str | None = None,
+           adapters_bf16: bool = False) -> "Ctx":
         spec = setup.model_spec
         backend = setup.backend_profile
         targets = frozenset(setup.resolve_target_modules()) if setup.is_lora else frozenset()
@@ -57,8 +61,9 @@ class Ctx:
         return cls(setup=setup, spec=spec, gpu=gpu, backend=backend, notes=Notes(list(setup.resolution_notes)),
                    lora_targets=targets, lora_params=lora_params, weight_bytes_per_param=DTYPE_BYTES[setup.dtype],
                    residual_bytes=4 if setup.dtype == "float32" else 2,
-                   adapters_bf16=bool(setup.load_in_4bit and backend.adapters_bf16_on_4bit_base),
-                   compute_bytes=4 if (setup.dtype == "float32" and setup.bf16 is False and not setup.fp16) else 2)
+                   adapters_bf16=adapters_bf16 or bool(setup.load_in_4bit and backend.adapters_bf16_on_4bit_base),
+                   compute_bytes=4 if (setup.dtype == "float32" and setup.bf16 is False and not setup.fp16) else 2,
+                   loaded_dtype=loaded_dtype or setup.dtype)
 
     @property
     def tokens(self) -> int:

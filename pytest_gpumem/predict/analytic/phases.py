@@ -7,6 +7,8 @@ component is a calculator in the concern's module (params, activations, logits, 
 
 from __future__ import annotations
 
+from typing import Callable
+
 from . import activations, logits, params, vllm
 from .constants import ALLOCATOR_SLACK_FRACTION, CUDA_CONTEXT_BYTES, NOT_TORCH_ALLOCATED, C, P
 from .context import Ctx
@@ -144,16 +146,23 @@ def with_slack(parts: dict[str, int]) -> dict[str, int]:
     return parts
 
 
-def step(ctx: Ctx) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """Every phase of the step (persistent last: it is printed first) and the raw persistent parts."""
+def step(ctx: Ctx, adjust: Callable[[str, dict], dict] | None = None
+         ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Every phase of the step (persistent last: it is printed first) and the raw persistent parts.
+
+    ``adjust(phase, parts)`` — the sharding step of a multi-GPU job (:mod:`.parallel`) — rewrites each phase's
+    model states for one rank before the allocator slack is added."""
+    def rank(phase: str, parts: dict) -> dict:
+        return adjust(phase, parts) if adjust is not None else parts
+
     base = persistent(ctx)
-    phases: dict[str, dict[str, int]] = {P.PERSISTENT: dict(base)}
-    phases[P.GENERATION] = with_slack({**base, **generation(ctx)})
+    phases: dict[str, dict[str, int]] = {}
+    phases[P.GENERATION] = with_slack(rank(P.GENERATION, {**base, **generation(ctx)}))
     awake = vllm.awake(ctx, base)
     scored = scoring(ctx)
     if scored is not None:
-        phases[P.SCORING] = with_slack({**awake, **scored})
-    phases[P.TRAINING] = with_slack({**awake, **training(ctx)})
-    phases[P.OPTIMIZER] = with_slack({**awake, **optimizer_step(ctx)})
-    phases[P.PERSISTENT] = with_slack(dict(awake))
-    return phases, base
+        phases[P.SCORING] = with_slack(rank(P.SCORING, {**awake, **scored}))
+    phases[P.TRAINING] = with_slack(rank(P.TRAINING, {**awake, **training(ctx)}))
+    phases[P.OPTIMIZER] = with_slack(rank(P.OPTIMIZER, {**awake, **optimizer_step(ctx)}))
+    phases = {P.PERSISTENT: with_slack(rank(P.PERSISTENT, dict(awake))), **phases}
+    return phases, rank(P.PERSISTENT, dict(base))

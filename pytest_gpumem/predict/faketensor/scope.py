@@ -18,6 +18,9 @@ NOT_SIMULATED_COMPONENTS = frozenset({
     Component.VLLM_KV_CACHE.value, Component.VLLM_ACTIVATIONS.value, Component.VLLM_CUDA_GRAPHS.value,
     Component.VLLM_NON_TORCH.value, Component.GENERATE_KV_CACHE.value, Component.GENERATE_LOGITS.value,
     Component.BATCH_BUFFERS.value, Component.OTHER.value,
+    # multi-GPU components: the one-GPU simulation has no process group (NCCL's buffers are never torch's)
+    Component.MASTER_WEIGHTS.value, Component.GATHERED_PARAMS.value, Component.REDUCE_BUCKETS.value,
+    Component.WEIGHT_SYNC.value, Component.NCCL_BUFFERS.value,
 })
 #: Phases the simulation produces (generation is not simulated: HF generate is data-dependent).
 SIMULATED_PHASES = (Phase.PERSISTENT.value, Phase.SCORING.value, Phase.TRAINING.value, Phase.OPTIMIZER.value)

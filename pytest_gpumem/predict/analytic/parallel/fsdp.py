@@ -1,0 +1,135 @@
+"""FSDP2 (``fully_shard``) and FSDP1 under accelerate 1.16, per rank.
+
+Sources: accelerate 1.16 ``utils/fsdp_utils.py`` ``fsdp2_prepare_model`` ("Upcast to fp32 master weights;
+MixedPrecisionPolicy.param_dtype handles compute cast": every trained parameter becomes fp32 and is sharded;
+frozen ones keep their loaded dtype), ``utils/dataclasses.py`` (``mixed_precision: bf16`` →
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)``); TRL 1.16 ``trl/models/utils.py``
+``prepare_fsdp`` (the reference model: FSDP2 ``fully_shard`` on the root only, FSDP1 with the plugin's wrap
+policy) and ``trl/generation/vllm_generation.py`` (the weight sync: FSDP2 ``param.full_tensor()`` per
+``state_dict()`` entry — the full parameter in its stored dtype; FSDP1 ``summon_full_params(recurse=False)``,
+one unit at a time). Measured on CPU with a fake process group (docs/distributed.md §5, 200M-param toy, N = 2
+and 8): sharded parameters exactly 4Ψ/N, optimizer states exactly 8Ψ/N; mid-backward, independent of N, the
+current block unsharded + the prefetched next block's all-gather + the block's reduce-scatter input + the root
+(not resharded after forward) = 8·Ψ_block + 2·Ψ_root with an fp32 reduce dtype — accelerate reduces in bf16, so
+the reduce-scatter input here is 2·Ψ_block; a root-only reference forward gathered 890.6 MiB for the 381 MiB
+bf16 model (≈ 2 × the bf16 model: the all-gather output and the unsharded parameters).
+"""
+
+from __future__ import annotations
+
+from ..constants import DTYPE_BYTES, C
+from ..context import Ctx
+from . import shapes
+from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, trainable_total
+
+BF16 = 2
+FP32 = 4
+
+
+def _shares(version: int):
+    def shares(ctx: Ctx, rank: int) -> Shares:
+        n, spec = ctx.setup.world_size, ctx.spec
+        total = trainable_total(ctx)
+        # FSDP2 chunks each parameter on dim 0; FSDP1 pads one FlatParameter per unit
+        params = (shapes.fsdp_shard_params(spec, n, rank) if version == 2 else shapes.flat_shard(spec.num_params, n))
+        trainable = params if not ctx.setup.is_lora else shapes.flat_shard(total, n)
+        return Shares(role="", world_size=n, rank=rank, params=params, trainable=trainable, trainable_total=total)
+    return shares
+
+
+def _loaded_bytes(ctx: Ctx) -> int:
+    """Frozen parameters keep the dtype they were loaded in (the setup's)."""
+    return DTYPE_BYTES[ctx.loaded_dtype]
+
+
+def _states(ctx: Ctx, sh: Shares) -> dict:
+    """Sharded parameters, LoRA adapters and optimizer states of this rank (GPU, or host when offloaded)."""
+    setup = ctx.setup
+    parts = {C.WEIGHTS: sh.params * (_loaded_bytes(ctx) if setup.is_lora else FP32),
+             C.OPTIMIZER_STATES: sh.trainable * optimizer_state_bytes_per_element(ctx)}
+    if setup.is_lora:
+        parts[C.LORA] = sh.trainable * FP32
+    if setup.beta != 0 and not setup.is_lora:
+        parts[C.REFERENCE] = shapes.flat_shard(ctx.spec.num_params, sh.world_size) * _loaded_bytes(ctx)
+    return parts
+
+
+def _persistent(ctx: Ctx, sh: Shares) -> dict:
+    if ctx.setup.offload_params:  # CPUOffloadPolicy: parameters, gradients and the optimizer step on the host
+        return {C.REFERENCE: _states(ctx, sh).get(C.REFERENCE, 0)}
+    return _states(ctx, sh)
+
+
+def forward_gather_bytes(ctx: Ctx) -> int:
+    """Unsharded bf16 parameters while a forward runs (``param_dtype`` bf16): per decoder-layer units, the
+    current and the prefetched next unit plus the root (never resharded after forward); one root unit
+    (``fsdp_wrap='none'``) or no resharding after forward: the whole model."""
+    setup, spec = ctx.setup, ctx.spec
+    if setup.fsdp_wrap == "none" or not setup.reshard_after_forward:
+        return spec.num_params * BF16
+    return (2 * shapes.block_params(spec) + shapes.root_params(spec)) * BF16
+
+
+def _reduce_scatter_bytes(ctx: Ctx) -> int:
+    """One unit's unsharded gradients, the reduce-scatter input, in ``reduce_dtype`` (bf16 under accelerate)."""
+    setup, spec = ctx.setup, ctx.spec
+    unit = spec.num_params if setup.fsdp_wrap == "none" else shapes.block_params(spec)
+    if setup.is_lora:
+        unit = ctx.lora_params if setup.fsdp_wrap == "none" else ctx.lora_params // max(spec.num_hidden_layers, 1)
+    return unit * BF16
+
+
+def _generation(version: int):
+    def generation(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:
+        setup, spec = ctx.setup, ctx.spec
+        if not setup.use_vllm:
+            return {C.GATHERED_PARAMS: forward_gather_bytes(ctx)}  # HF generate runs the sharded forward
+        stored = _loaded_bytes(ctx) if setup.is_lora else FP32
+        if version == 2:
+            return {C.WEIGHT_SYNC: shapes.largest_param(spec) * stored}
+        largest_unit = max(shapes.block_params(spec), shapes.root_params(spec))
+        return {C.WEIGHT_SYNC: largest_unit * stored}
+    return generation
+
+
+def _scoring(version: int):
+    def scoring(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:
+        setup, spec = ctx.setup, ctx.spec
+        gathered = forward_gather_bytes(ctx)
+        if "ref" in setup.scoring_passes and not setup.is_lora:
+            # the reference pass: FSDP2's root-only wrap gathers the whole model (2 × bf16, measured); FSDP1
+            # wraps the reference like the policy
+            reference = 2 * spec.num_params * BF16 if version == 2 else forward_gather_bytes(ctx)
+            gathered = max(gathered, reference)
+        return {C.GATHERED_PARAMS: gathered}
+    return scoring
+
+
+def _training(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:
+    grads = 0 if ctx.setup.offload_params else sh.trainable * FP32  # sharded fp32 .grad at the backward's end
+    return {C.GRADIENTS: grads, C.GATHERED_PARAMS: forward_gather_bytes(ctx),
+            C.REDUCE_BUCKETS: _reduce_scatter_bytes(ctx)}
+
+
+def _optimizer_step(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:
+    if ctx.setup.offload_params:
+        return {C.GRADIENTS: 0, C.OPTIMIZER_TEMP: 0}
+    return {C.GRADIENTS: sh.trainable * FP32, C.OPTIMIZER_TEMP: foreach_temp(ctx, sh.trainable)}
+
+
+def _host(ctx: Ctx, sh: Shares) -> dict:
+    if not ctx.setup.offload_params:
+        return {}
+    parts = _states(ctx, sh)
+    parts.pop(C.REFERENCE, None)
+    parts[C.GRADIENTS] = sh.trainable * FP32
+    parts[C.OPTIMIZER_TEMP] = foreach_temp(ctx, sh.trainable)
+    return parts
+
+
+STRATEGIES = {
+    f"fsdp{version}": Strategy(name=f"fsdp{version}", label=f"FSDP{version}", shares=_shares(version),
+                               persistent=_persistent, generation=_generation(version), scoring=_scoring(version),
+                               training=_training, optimizer_step=_optimizer_step, host=_host)
+    for version in (1, 2)
+}
