@@ -47,6 +47,9 @@ class Defaults:
     budget_text: str | None = None
     gpu: GPU | None = None
     tolerance: Tolerance = DEFAULT_TOLERANCE
+    #: setup keys for every marker's setup (ini ``gpu_budget_accelerate_config`` / ``gpu_budget_world_size``):
+    #: how the whole suite is launched; a marker's own setup keys win
+    setup_keys: tuple = ()
 
 
 @dataclass(frozen=True)

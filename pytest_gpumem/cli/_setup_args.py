@@ -12,7 +12,7 @@ from .. import launch_config
 from ..backends import BACKENDS
 from ..distributed import FSDP_WRAPS, STRATEGIES
 from ..errors import GpuMemError
-from ..report.text import breakdown_table
+from ..report.text import breakdown_table, roles_table
 from ..spec import ATTN_IMPLEMENTATIONS, DTYPES, LOGITS_MODES, OPTIMIZERS, VLLM_MODES, GRPOSetup
 from ..units import format_gib
 
@@ -184,6 +184,9 @@ def print_result(result, as_json: bool, header: str, details: list[str], verdict
         print(header)
         print()
         print(breakdown_table(result.breakdown, total_bytes=result.total_bytes))
+        if result.breakdown.roles:
+            print()
+            print(roles_table(result.breakdown, total_bytes=result.total_bytes))
         for line in details:
             print(line)
         if result.gpu and show_verdict:

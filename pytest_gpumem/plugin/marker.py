@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..distributed import STRATEGY_FIELDS
 from ..errors import GpuMemError, MarkerError
 from ..gpus import GPU, resolve_gpu
 from ..record import BudgetSpec, Defaults
@@ -149,6 +150,15 @@ def parse_setup(value: Any, base_dirs: tuple[Path, ...] = (), field: str = "setu
                       fix="e.g. setup=dict(model='Qwen/Qwen2.5-0.5B', per_device_train_batch_size=8)")
 
 
+def with_suite_keys(setup: GRPOSetup, suite: Mapping[str, Any]) -> GRPOSetup:
+    """``setup`` launched the way the whole suite is (the ini's accelerate config / world size): the suite's keys
+    fill what the marker's setup does not give; a setup naming its own strategy keeps its own knobs."""
+    own = {name: getattr(setup, name) for name in setup.explicit_fields}
+    if "distributed" in own:
+        suite = {k: v for k, v in suite.items() if k not in STRATEGY_FIELDS}
+    return GRPOSetup.from_dict({**suite, **own, "model": setup.model})
+
+
 def parse_gpu(value: Any, field: str = "gpu") -> GPU:
     """A card name (``"L4"``, ``"A100-80GB"``) or a size (``"24GiB"``, bytes) → :class:`GPU`."""
     if isinstance(value, float) and not math.isfinite(value):  # resolve_gpu would overflow on int(inf)
@@ -191,6 +201,8 @@ def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults 
                                   "gpu_budget_default = '24 GiB' in [tool.pytest.ini_options]")
         budget, origin = (defaults.budget_bytes, defaults.budget_text or budget_text(defaults.budget_bytes)), "default"
     setup = parse_setup(kwargs["setup"], base_dirs) if kwargs.get("setup") is not None else None
+    if setup is not None and defaults.setup_keys:
+        setup = with_suite_keys(setup, dict(defaults.setup_keys))
     return BudgetSpec(budget_bytes=budget[0], budget_text=budget[1], setup=setup, tolerance=tolerance, gpu=gpu,
                       budget_origin=origin, baseline_tolerance=baseline_tolerance)
 

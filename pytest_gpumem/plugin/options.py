@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from .. import launch_config
 from ..compare.baseline import DEFAULT_BASELINE_PATH, DEFAULT_TOLERANCE
 from ..errors import GpuMemError
 from ..gpus import resolve_gpu
@@ -62,6 +63,14 @@ def add_options(parser: pytest.Parser) -> None:
                   help=f"pytest-gpumem: allowed growth over the baseline (default '{DEFAULT_TOLERANCE}')")
     parser.addini("gpu_budget_strict", type="bool", default=False,
                   help="pytest-gpumem: fail budgeted tests without a baseline")
+    parser.addini("gpu_budget_accelerate_config", default="",
+                  help="pytest-gpumem: the accelerate YAML (or DeepSpeed JSON) every setup is launched with: its "
+                       "world size and sharding strategy apply to each marker's setup (budgets stay per GPU)")
+    parser.addini("gpu_budget_world_size", default="",
+                  help="pytest-gpumem: training processes (GPUs) of every setup, e.g. 8 (with "
+                       "gpu_budget_distributed, e.g. zero3)")
+    parser.addini("gpu_budget_distributed", default="",
+                  help="pytest-gpumem: the sharding strategy of every setup: ddp, zero1, zero2, zero3, fsdp1, fsdp2")
 
 
 TRUE_WORDS = ("true", "yes", "on", "1")
@@ -103,7 +112,28 @@ def read_defaults(config: pytest.Config) -> Defaults:
             gpu_spec = resolve_gpu(gpu, field="gpu_budget_gpu")
     except GpuMemError as exc:
         raise pytest.UsageError(f"pytest-gpumem: {exc}") from None
-    return Defaults(budget_bytes=budget_bytes, budget_text=text, gpu=gpu_spec)
+    return Defaults(budget_bytes=budget_bytes, budget_text=text, gpu=gpu_spec, setup_keys=_suite_setup_keys(config))
+
+
+def _suite_setup_keys(config: pytest.Config) -> tuple:
+    """The multi-GPU setup keys of the whole suite, from the ini (a bad file or value names the key)."""
+    keys: dict[str, Any] = {}
+    path = str(ini_value(config, "gpu_budget_accelerate_config") or "").strip()
+    try:
+        if path:
+            keys.update(launch_config.read(resolve_path(path, Path(config.rootpath))))
+    except GpuMemError as exc:
+        raise pytest.UsageError(f"pytest-gpumem: ini option gpu_budget_accelerate_config: {exc}") from None
+    world_size = str(ini_value(config, "gpu_budget_world_size") or "").strip()
+    if world_size:
+        if not world_size.isascii() or not world_size.isdigit() or int(world_size) < 1:
+            raise pytest.UsageError(f"pytest-gpumem: ini option gpu_budget_world_size: {world_size!r} is not a "
+                                    "positive whole number (use e.g. gpu_budget_world_size = 8)")
+        keys["world_size"] = int(world_size)
+    distributed = str(ini_value(config, "gpu_budget_distributed") or "").strip()
+    if distributed:
+        keys["distributed"] = distributed
+    return tuple(sorted(keys.items()))
 
 
 def resolve_path(path: str, base: Path) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Callable, Sequence
 
-from ..breakdown import Breakdown, Phase
+from ..breakdown import HOST_ROLES, Breakdown, Phase
 from ..record import judged_peak
 from ..units import format_gib
 
@@ -41,6 +41,28 @@ def breakdown_table(breakdown: Breakdown, *, total_bytes: int | None = None) -> 
     lines.append(f"* peak phase: {peak}, {format_gib(breakdown.peak_bytes)}"
                  + (f" of {format_gib(total_bytes)} ({format_gib(total_bytes - breakdown.peak_bytes)} headroom)"
                     if total_bytes else ""))
+    return "\n".join(lines)
+
+
+ROLE_WORDS = {"rank0": "training rank 0", "rank1+": "the other training ranks (worst of them)",
+              "host": "host memory of one machine (offloaded)"}
+
+
+def roles_table(breakdown: Breakdown, *, total_bytes: int | None = None) -> str:
+    """One row per role of a multi-GPU breakdown: its peak and phase, the worst training GPU marked; "" for one
+    GPU."""
+    if len(breakdown.roles) <= 1:
+        return ""
+    rows = [("role", "peak", "phase", "top components", "")]
+    for name in breakdown.role_names():
+        one = breakdown.role(name)
+        top = ", ".join(f"{c} {format_gib(b)}" for c, b in one.top_components(n=3))
+        mark = "← worst GPU" if name == breakdown.worst_role else ("CPU" if name in HOST_ROLES else "")
+        rows.append((name, format_gib(one.peak_bytes), str(one.peak_phase), top, mark))
+    lines = columns(rows, right=lambda column: column == 1)
+    words = "; ".join(f"{name}: {ROLE_WORDS.get(name, name)}" for name in breakdown.role_names())
+    lines.append(f"per GPU: the budget{' and the card' if total_bytes else ''} apply to the worst training GPU "
+                 f"({breakdown.worst_role}); {words}")
     return "\n".join(lines)
 
 
@@ -215,7 +237,13 @@ def test_section(record: dict) -> str:
         else:
             title = "predicted"
         lines.append(f"{title} breakdown by phase:")
-        lines.append(breakdown_table(Breakdown.from_dict(predicted), total_bytes=record.get("budget_bytes")))
+        breakdown = Breakdown.from_dict(predicted)
+        if breakdown.roles:
+            lines.append(f"(the worst training GPU: {breakdown.worst_role})")
+        lines.append(breakdown_table(breakdown, total_bytes=record.get("budget_bytes")))
+        if breakdown.roles:
+            lines.append("")
+            lines.append(roles_table(breakdown, total_bytes=record.get("budget_bytes")))
     measured = record.get("measured")
     if measured:
         lines.append("")

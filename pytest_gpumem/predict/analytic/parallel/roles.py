@@ -32,7 +32,7 @@ def estimate_roles(ctx: Ctx) -> tuple[Breakdown, dict[str, int], Ctx]:
     setup: GRPOSetup = ctx.setup
     strategy = STRATEGIES[setup.distributed] if setup.distributed != "none" else ddp.DDP
     compute = compute_ctx(ctx)
-    roles, rank0_persistent = {}, {}
+    roles, rank0_persistent, host = {}, {}, None
     for role, rank in role_ranks(setup.world_size).items():
         shares = strategy.shares(compute, rank)
         by_phase, persistent = phases.step(compute, adjuster(compute, strategy, shares))
@@ -40,8 +40,8 @@ def estimate_roles(ctx: Ctx) -> tuple[Breakdown, dict[str, int], Ctx]:
         if rank == 0:
             rank0_persistent = persistent
             host = host_phases(compute, strategy, shares)
-            if host is not None:
-                roles[Role.HOST.value] = host
+    if host is not None:
+        roles[Role.HOST.value] = host
     _note(ctx, strategy.label)
     return Breakdown.from_roles(roles, source="estimate"), rank0_persistent, compute
 
