@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..diagnose.fit import DIMENSIONS, EFFECTIVE_BATCH, fit
+from ..diagnose.fit_gpus import fit_gpus, launch_changes
 from ..units import format_gib
 from ._setup_args import GPU_HELP, add_setup_arguments, setup_from_args
 
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "repeatable; default: none")
     parser.add_argument("--allow-batch-change", action="store_true",
                         help="allow fewer completions per optimizer step (default: b × GA is kept)")
+    parser.add_argument("--gpus", type=int, default=None, metavar="N",
+                        help="search the launch on N GPUs too: DDP, ZeRO-2/3, FSDP2, optimizer/parameter offload "
+                             "(per-GPU budget; the launch changing the setup least wins)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -34,6 +38,8 @@ def _keep_from_args(args: argparse.Namespace) -> tuple:
 
 def run(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
+    if args.gpus is not None:
+        return _run_gpus(args, setup)
     result = fit(setup, args.gpu, headroom=args.headroom, keep=_keep_from_args(args))
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
@@ -64,6 +70,28 @@ def run(args: argparse.Namespace) -> int:
         listed = ", ".join(f"{c['field']} → {_fmt(c['to'])}" for c in result.changes(candidate))
         print(f"alternative keeping {keeps}: {listed or 'no change'} (peak {format_gib(candidate.peak_bytes)})")
     print(f"searched {result.space_size} candidates, estimated {result.evaluated} in {result.seconds * 1000:.0f} ms")
+    return 0
+
+
+def _run_gpus(args: argparse.Namespace, setup: Any) -> int:
+    found = fit_gpus(setup, args.gpu, args.gpus, headroom=args.headroom, keep=_keep_from_args(args))
+    if args.json:
+        json.dump(found.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0 if found.fits else 1
+    for launch in found.launches:
+        verdict = (f"fits with {len(launch.result.changes())} change(s), peak {format_gib(launch.result.peak_bytes)}"
+                   if launch.result.fits else f"does not fit (closest {format_gib(launch.result.closest.peak_bytes)})")
+        print(f"  {launch.label:<42} {verdict}")
+    if not found.fits:
+        print(f"nothing fits {args.gpus} × {args.gpu}")
+        return 1
+    chosen = found.chosen
+    print(f"launch: {chosen.label} on {args.gpus} GPUs — per-GPU peak {format_gib(chosen.result.peak_bytes)} "
+          f"({chosen.result.best.estimate.breakdown.worst_role}, {chosen.result.best.estimate.peak_phase} phase)")
+    changes = launch_changes(found.input_setup, chosen.setup) + chosen.result.changes()
+    for change in changes:
+        print(f"  {change['field']}: {_fmt(change['from'])} → {_fmt(change['to'])}")
     return 0
 
 

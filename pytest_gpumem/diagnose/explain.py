@@ -54,6 +54,7 @@ def tensor_candidates(setup: Any) -> list[dict[str, Any]]:
         ("a chunked log-prob tile", "min(rows·C, 4096) × min(V, 32768) × 2 B",
          (min(b * c, 4096), min(vocab, 32768), 2)),
     ]
+    out += _distributed_tensors(setup)
     result = []
     for name, formula, factors in out:
         num_bytes = 1
@@ -62,6 +63,27 @@ def tensor_candidates(setup: Any) -> list[dict[str, Any]]:
         values = " × ".join(str(f) for f in factors[:-1]) + f" × {factors[-1]} B"
         result.append({"name": name, "formula": formula, "values": values, "bytes": num_bytes})
     return result
+
+
+def _distributed_tensors(setup: Any) -> list[tuple[str, str, tuple]]:
+    """The single allocations a sharding strategy adds (predict/analytic/parallel/ names their sources): ZeRO's IPG
+    bucket and ZeRO-3's prefetch bucket, the whole model TRL gathers for HF generate under ZeRO-3, one FSDP
+    unit's all-gather, and the full fp32 parameter FSDP2's weight sync materialises."""
+    if not setup.is_distributed:
+        return []
+    spec, out = setup.model_spec, []
+    layer = spec.layer_params()
+    if setup.distributed in ("zero1", "zero2", "zero3"):
+        out.append(("DeepSpeed's IPG reduce bucket", "reduce_bucket_size × 2 B", (setup.reduce_bucket_size, 2)))
+    if setup.distributed == "zero3":
+        out.append(("ZeRO-3's prefetch bucket", "stage3_prefetch_bucket_size × 2 B",
+                    (setup.stage3_prefetch_bucket_size, 2)))
+        out.append(("the whole bf16 model gathered for generation (ZeRO-3)", "Ψ × 2 B", (spec.num_params, 2)))
+    if setup.distributed in ("fsdp1", "fsdp2"):
+        out.append(("one decoder layer's FSDP all-gather (bf16)", "Ψ_layer × 2 B", (layer, 2)))
+        out.append(("the largest parameter in fp32 (FSDP weight sync)", "V × h × 4 B",
+                    (spec.vocab_size, spec.hidden_size, 4)))
+    return out
 
 
 def match_tensor(requested_bytes: int | None, setup: Any, tolerance: float = 0.1) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from ..gpus import resolve_gpu
 from ..predict.analytic import Estimate, estimate
 from ..predict.analytic.constants import CUDA_CONTEXT_BYTES
 from ..units import format_gib
+from .strategy_levers import strategy_candidates
 
 #: 8-bit optimizers (bitsandbytes) and optimizers without Adam moments: the 8-bit lever does not apply
 _EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit")
@@ -175,6 +176,7 @@ def lever_candidates(setup: Any, total_bytes: int | None = None) -> list[tuple[s
     if s.use_vllm and s.vllm_mode == "colocate":
         out.append(("generate with transformers, not vLLM", {"use_vllm": False},
                     "HF generate: several times slower rollouts"))
+    out += strategy_candidates(s)
     return out
 
 
@@ -189,6 +191,12 @@ def _shorter(length: int) -> int | None:
 def _apply(setup: Any, changes: Mapping[str, Any]) -> Any:
     """``setup.replace(**changes)``; when TRL's divisibility rule breaks (SetupError), halve num_generations
     along (b and G together), else give up (None)."""
+    if "distributed" in changes:  # a strategy switch drops the old strategy's knobs
+        rest = {k: v for k, v in changes.items() if k != "distributed"}
+        try:
+            return setup.with_strategy(changes["distributed"], **rest)
+        except SetupError:
+            return None
     try:
         return setup.replace(**changes)
     except SetupError:
