@@ -22,6 +22,10 @@ def run(args: argparse.Namespace) -> int:
     header = (f"{spec.name}: {spec.num_params / 1e9:.2f}B params ({spec.model_type}), backend {setup.backend}, "
               f"b={setup.per_device_train_batch_size} G={setup.num_generations} "
               f"GA={setup.gradient_accumulation_steps} P={setup.max_prompt_length} C={setup.max_completion_length}")
+    if setup.is_distributed:
+        offload = [name for name in ("offload_optimizer", "offload_params") if getattr(setup, name)]
+        header += (f", {setup.distributed} on {setup.world_size} GPU(s)"
+                   + (f" ({', '.join(offload)})" if offload else "") + " — per GPU, the worst rank shown")
     details = [f"largest single allocation: {result.largest_allocation_name} = "
                f"{format_gib(result.largest_allocation_bytes)}"]
     return print_result(result, args.json, header, details, verdict_note=" as torch reports it")
