@@ -140,6 +140,14 @@ def test_nccl_buffers_are_per_rank_and_not_torch():
     assert without["allocator_slack"] == int(torch_bytes * 0.05)
 
 
+def test_vllm_server_mode_adds_a_communicator_on_rank0_only():
+    e = est(world_size=8, distributed="zero3", use_vllm=True, vllm_mode="server")
+    rank0_nccl = e.breakdown.role("rank0").components("persistent")["nccl_buffers"]
+    other_nccl = e.breakdown.role("rank1+").components("persistent")["nccl_buffers"]
+    assert rank0_nccl - other_nccl == 544 * 10**6  # the weight-transfer group with the server (trl VLLMClient)
+    assert e.breakdown.worst_role == "rank0"
+
+
 def test_more_gpus_lower_zero3_and_fsdp2_peaks():
     for strategy in ("zero3", "fsdp2"):
         peaks = [est(world_size=n, distributed=strategy).peak_bytes for n in (2, 8, 64)]

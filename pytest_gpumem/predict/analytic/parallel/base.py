@@ -68,6 +68,15 @@ def nccl_bytes(world_size: int) -> int:
     return NCCL_BYTES_TWO_GPUS if world_size == 2 else NCCL_BYTES_MORE_GPUS
 
 
+def rank0_server_nccl_bytes(ctx: Ctx, shares: Shares) -> int:
+    """vLLM server mode: only the main process joins the server's weight-transfer group ("The trainer joins the
+    vLLM workers as an extra rank; it is rank 0", trl 1.16 ``VLLMClient.init_communicator``, called under
+    ``if accelerator.is_main_process`` in ``vllm_generation.py``) — one more NCCL communicator on rank 0 only,
+    of at least 2 ranks (the server's tensor-parallel size + 1; the 2-GPU figure, a lower bound)."""
+    setup = ctx.setup
+    return NCCL_BYTES_TWO_GPUS if shares.rank == 0 and setup.use_vllm and setup.vllm_mode == "server" else 0
+
+
 def trainable_total(ctx: Ctx) -> int:
     return ctx.lora_params if ctx.setup.is_lora else ctx.spec.num_params
 
@@ -94,7 +103,7 @@ def adjuster(ctx: Ctx, strategy: Strategy, shares: Shares) -> Callable[[str, dic
         if extra is not None:
             for name, num_bytes in extra(ctx, shares, one_gpu).items():
                 rank_parts[name] = rank_parts.get(name, 0) + num_bytes if name not in MODEL_STATES else num_bytes
-        rank_parts[C.NCCL_BUFFERS] = nccl_bytes(shares.world_size)
+        rank_parts[C.NCCL_BUFFERS] = nccl_bytes(shares.world_size) + rank0_server_nccl_bytes(ctx, shares)
         return rank_parts
 
     return adjust
