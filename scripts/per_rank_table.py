@@ -1,11 +1,16 @@
 """Print the docs table of per-rank predictions (docs/distributed.md §8): 7B / 14B / 32B GRPO on 8 × 80 GB with
 ZeRO-3 and FSDP2, full fine-tuning and LoRA, HF generate and colocated vLLM.
 
-Usage: ``python scripts/per_rank_table.py`` (pure arithmetic: the analytic estimate, < 1 s). tests/test_docs_tables.py
-requires docs/distributed.md to hold exactly this output, so the table cannot drift from the code.
+Usage: ``python scripts/per_rank_table.py [--write-docs]`` (pure arithmetic: the analytic estimate, < 1 s);
+``--write-docs`` replaces the table in docs/distributed.md. tests/test_docs_tables.py requires the docs to hold
+exactly this output, so the table cannot drift from the code.
 """
 
 from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
 
 from pytest_gpumem import estimate
 from pytest_gpumem.units import format_gib
@@ -43,5 +48,18 @@ def table() -> str:
     return "\n".join(lines)
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
+
+
+def write_docs(path: Path = DOCS) -> None:
+    text = path.read_text(encoding="utf-8")
+    new = re.sub(r"(<!-- per-rank-table:start -->\n).*?(\n<!-- per-rank-table:end -->)",
+                 lambda m: m.group(1) + table() + m.group(2), text, flags=re.S)
+    path.write_text(new, encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(table())
+    if "--write-docs" in sys.argv[1:]:
+        write_docs()
+    else:
+        print(table())

@@ -14,9 +14,11 @@ size, Ψ = parameters, T = trained parameters (Ψ, or the LoRA adapters), ⌈x/N
   ``backward()`` (``reduce_bucket_size`` elements of the model dtype, a second one with ``overlap_comm``: "Use
   double buffers to avoid data access conflict when overlap_comm is enabled") and release it in ``step()``.
   At the step, the fp32 gradient of the partition (4⌈T/N⌉) exists beside the bf16 one.
-- Stage 3: parameters are partitioned too (2⌈Ψ/N⌉), except those under ``stage3_param_persistence_threshold``
-  (1e5 elements) which stay whole; ``grad_partitions_flat_buffer`` (bf16, ⌈T/N⌉, ``torch.zeros`` at init) and the
-  IPG bucket (``__ipg_bucket_flat_buffer``, once whatever ``overlap_comm``) live for the whole run. A module's
+- Stage 3: parameters are partitioned too (2⌈Ψ/N⌉); those under ``stage3_param_persistence_threshold`` (1e5
+  elements) are also kept whole on every rank (``ds_persist``), beside their partition; ``grad_partitions_flat_buffer``
+  (bf16, ⌈T/N⌉, ``torch.zeros`` at init) and the IPG bucket (``ipg_buckets[dtype].buffer``, one per
+  communication dtype, once whatever ``overlap_comm``) live for the whole run. Measured with a real engine
+  (DeepSpeed 0.19.8, CPU, rank 0 of a fake group: tests/test_deepspeed_engine.py): each of these to the byte. A module's
   parameters are all-gathered while it runs, plus up to ``stage3_prefetch_bucket_size`` elements prefetched.
   The step makes the fp32 gradient one sub-group at a time (``sub_group_size`` 1e9 elements).
 - Offload: ``offload_optimizer`` puts the fp32 partition, its states and gradients in pinned host memory (stage 3:
@@ -47,9 +49,8 @@ def _shares(stage: int):
         n, spec = ctx.setup.world_size, ctx.spec
         total = trainable_total(ctx)
         params = spec.num_params
-        if stage == 3:
-            persistent = shapes.persistent_params(spec)
-            params = shapes.flat_shard(spec.num_params - persistent, n) + persistent
+        if stage == 3:  # every parameter's partition, plus the small ones whole
+            params = shapes.flat_shard(spec.num_params, n) + shapes.persistent_params(spec)
         return Shares(role="", world_size=n, rank=rank, params=params, trainable=shapes.flat_shard(total, n),
                       trainable_total=total)
     return shares
@@ -71,10 +72,19 @@ def _persistent(stage: int):
         if stage == 3:
             parts[C.REDUCE_BUCKETS] = setup.reduce_bucket_size * BF16
         if setup.beta != 0 and not setup.is_lora:
-            # the reference: stage 0 (a replica) under ZeRO-1/2, partitioned under ZeRO-3 (trl prepare_deepspeed)
-            parts[C.REFERENCE] = (sh.params if stage == 3 else ctx.spec.num_params) * BF16
+            parts[C.REFERENCE] = reference_bytes(ctx, stage)
         return parts
     return persistent
+
+
+def reference_bytes(ctx: Ctx, stage: int) -> int:
+    """The reference model per rank (trl 1.16 ``prepare_deepspeed``): stage 0 — a bf16 replica — under ZeRO-1/2;
+    under ZeRO-3 partitioned, with ``stage3_param_persistence_threshold = 10 * hidden_size``."""
+    spec = ctx.spec
+    if stage != 3:
+        return spec.num_params * BF16
+    whole = shapes.persistent_params(spec, threshold=10 * spec.hidden_size)
+    return (shapes.flat_shard(spec.num_params, ctx.setup.world_size) + whole) * BF16
 
 
 def layer_gather_bytes(ctx: Ctx) -> int:
@@ -140,7 +150,7 @@ def _host(stage: int):
             parts[C.OPTIMIZER_STATES] = sh.trainable * optimizer_state_bytes_per_element(ctx)
             parts[C.GRADIENTS] = sh.trainable * (FP32 + (BF16 if stage == 3 else 0))
         if setup.offload_params:
-            parts[C.WEIGHTS] = (sh.params - shapes.persistent_params(ctx.spec)) * BF16
+            parts[C.WEIGHTS] = shapes.flat_shard(ctx.spec.num_params, sh.world_size) * BF16
         return parts
     return host
 
