@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 
-from pytest_gpumem import estimate
+from pytest_gpumem import GRPOSetup, estimate
 from pytest_gpumem.breakdown import Breakdown
-from pytest_gpumem.predict.analytic.parallel import shapes
+from pytest_gpumem.predict.analytic.context import Ctx
+from pytest_gpumem.predict.analytic.parallel import STRATEGIES, shapes
+from pytest_gpumem.predict.analytic.parallel.roles import compute_ctx
 from pytest_gpumem.units import MIB
 
 QWEN_7B = "Qwen/Qwen2.5-7B"
@@ -68,6 +70,15 @@ def test_zero2_bucket_is_allocated_in_backward_and_doubled_by_overlap_comm():
     assert rank0(plain, "persistent")["weights"] == 2 * p  # parameters are not partitioned below stage 3
 
 
+def fsdp_moment(moment, **keys):
+    """The FSDP strategy's training parts at one moment of the micro-step, with the shares of rank 0."""
+    setup = GRPOSetup.from_dict({"model": QWEN_7B, "dtype": "bfloat16", "per_device_train_batch_size": 8,
+                                 "world_size": 8, "distributed": "fsdp2", **keys})
+    ctx = compute_ctx(Ctx.of(setup, None))
+    strategy = STRATEGIES["fsdp2"]
+    return strategy.training(ctx, strategy.shares(ctx, 0), {}, moment), ctx.spec
+
+
 def test_fsdp2_shards_and_gathers():
     e = est(world_size=8, distributed="fsdp2")
     spec = e.model
@@ -75,17 +86,45 @@ def test_fsdp2_shards_and_gathers():
     assert block * spec.num_hidden_layers + root == spec.num_params
     shard = shapes.fsdp_shard_params(spec, 8, 0)
     assert shard >= spec.num_params / 8
-    parts = rank0(e, "training")
+    parts = rank0(e, "optimizer_step")
     assert parts["weights"] == 4 * shard  # fp32 sharded (accelerate upcasts trained parameters)
     assert parts["optimizer_states"] == 8 * shard
     assert parts["gradients"] == 4 * shard
-    # current + prefetched next block and the root, unsharded in bf16; one block's bf16 reduce-scatter input
-    assert parts["gathered_params"] == 2 * (2 * block + root)
-    assert parts["reduce_buckets"] == 2 * block
-    whole = 2 * spec.num_params
-    assert rank0(est(world_size=8, distributed="fsdp2", reshard_after_forward=False), "training")[
-        "gathered_params"] == whole
-    assert rank0(est(world_size=8, distributed="fsdp2", fsdp_wrap="none"), "training")["gathered_params"] == whole
+
+
+def test_fsdp2_moments_follow_accelerates_units():
+    # Qwen2.5-7B is untied: accelerate makes the embedding a unit and [final norm, lm_head] the tail
+    _, spec = fsdp_moment("head")
+    block, vh, h = spec.layer_params(), spec.vocab_size * spec.hidden_size, spec.hidden_size
+    head, _ = fsdp_moment("head")
+    # the tail (kept unsharded after forward) + the last block gathered; the lm_head's bf16 gradient is the tail's
+    # reduce-scatter input (moved out of the chunked log-prob's count)
+    assert head["gathered_params"] == 2 * (vh + h + block)
+    assert head["reduce_buckets"] == 2 * vh and head["logits"] == -2 * vh
+    last, _ = fsdp_moment("last_block")
+    assert last["gathered_params"] == 2 * 2 * block and last["reduce_buckets"] == 2 * block
+    first, _ = fsdp_moment("first_block")
+    assert first["gathered_params"] == 2 * (vh + block)  # block 0 + the embedding unit prefetched
+    embedding, _ = fsdp_moment("embedding")
+    assert embedding["gathered_params"] == 2 * vh and embedding["reduce_buckets"] == 2 * (vh + block)
+    # reshard_after_forward=False: the whole model unsharded when the backward starts
+    assert fsdp_moment("head", reshard_after_forward=False)[0]["gathered_params"] == 2 * spec.num_params
+    assert fsdp_moment("embedding", reshard_after_forward=False)[0]["gathered_params"] == 2 * vh
+    # one root unit (NO_WRAP): everything gathered, nothing reduced before the end
+    assert fsdp_moment("last_block", fsdp_wrap="none")[0]["gathered_params"] == 2 * spec.num_params
+
+
+def test_fsdp2_tied_tail_keeps_its_gradient_through_the_backward():
+    setup = GRPOSetup.from_dict({"model": QWEN_05B, "dtype": "bfloat16", "per_device_train_batch_size": 4,
+                                 "num_generations": 4, "world_size": 8, "distributed": "fsdp2"})
+    ctx = compute_ctx(Ctx.of(setup, None))
+    strategy, spec = STRATEGIES["fsdp2"], ctx.spec
+    assert spec.tie_word_embeddings
+    vh, h, block = spec.vocab_size * spec.hidden_size, spec.hidden_size, spec.layer_params()
+    last = strategy.training(ctx, strategy.shares(ctx, 0), {}, "last_block")
+    # tied: the shared weight's unit is the tail, unsharded until the embedding's backward, its bf16 grad alive
+    assert last["gathered_params"] == 2 * (vh + h + 2 * block)
+    assert last["gradients"] == 2 * vh
 
 
 def test_fsdp2_rank0_holds_the_largest_shard():

@@ -67,9 +67,18 @@ def scoring(ctx: Ctx) -> dict[str, int] | None:
     return parts
 
 
+#: the moments of a training micro-step whose peaks are compared (a sharding strategy transforms each one)
+MOMENTS = ("head", "last_block", "first_block", "embedding", "forward_end")
+
+
 def training(ctx: Ctx) -> dict[str, int]:
-    """One micro-step; the largest of four moments (checked against the FakeTensor simulation,
-    tests/test_accuracy_matrix.py):
+    """One micro-step: the largest of :func:`training_moments`."""
+    return max((parts for _, parts in training_moments(ctx)), key=lambda parts: sum(parts.values()))
+
+
+def training_moments(ctx: Ctx) -> list[tuple[str, dict[str, int]]]:
+    """One micro-step's candidate peaks, by moment (:data:`MOMENTS`); one GPU peaks at the largest (checked
+    against the FakeTensor simulation, tests/test_accuracy_matrix.py):
 
     A — backward starts at the head: everything the forward saved + the log-prob path's backward
         transient (+ earlier micro-steps' gradients when gradient_accumulation_steps > 1);
@@ -119,19 +128,19 @@ def training(ctx: Ctx) -> dict[str, int]:
                    C.RECOMPUTED_LAYER: recomputed - fixed,
                    C.ATTENTION_MASK: mask_live + (0 if checkpointing else mask_copy),
                    C.WEIGHT_CASTS: 0 if checkpointing else casts}
-    candidates = [candidate_a, last_block, first_block]
+    candidates = [("head", candidate_a), ("last_block", last_block), ("first_block", first_block)]
     if not setup.is_lora:
         extra = (2 if spec.tie_word_embeddings else 0) + (1 if accumulating else 0)
-        candidates.append({C.GRADIENTS: all_grads,
-                           C.RECOMPUTED_LAYER: extra * vocab * h * params.trainable_bytes_per_param(ctx)})
+        embedding_grads = extra * vocab * h * params.trainable_bytes_per_param(ctx)
+        candidates.append(("embedding", {C.GRADIENTS: all_grads, C.RECOMPUTED_LAYER: embedding_grads}))
         if (setup.dtype == "float32" and ctx.compute_bytes == 2 and checkpointing and not setup.load_in_4bit
                 and setup.gradient_checkpointing != "unsloth"):
-            candidates.append({C.GRADIENTS: grads_before, C.ACTIVATIONS: saved, C.ATTENTION_MASK: mask,
-                               C.WEIGHT_CASTS: spec.linear_params() * 2 + head_cast,
-                               C.LOGITS: logits.head_forward_bytes(ctx)})
+            candidates.append(("forward_end", {C.GRADIENTS: grads_before, C.ACTIVATIONS: saved, C.ATTENTION_MASK: mask,
+                                               C.WEIGHT_CASTS: spec.linear_params() * 2 + head_cast,
+                                               C.LOGITS: logits.head_forward_bytes(ctx)}))
     ctx.notes.tensors.append((P.TRAINING, f"checkpointed layer input ({setup.per_device_train_batch_size}, "
                                           f"{setup.seq_len}, {h})", tokens * h * residual))
-    return max(candidates, key=lambda parts: sum(parts.values()))
+    return candidates
 
 
 def optimizer_step(ctx: Ctx) -> dict[str, int]:
@@ -146,14 +155,15 @@ def with_slack(parts: dict[str, int]) -> dict[str, int]:
     return parts
 
 
-def step(ctx: Ctx, adjust: Callable[[str, dict], dict] | None = None
+def step(ctx: Ctx, adjust: Callable[..., dict] | None = None
          ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     """Every phase of the step (persistent last: it is printed first) and the raw persistent parts.
 
-    ``adjust(phase, parts)`` — the sharding step of a multi-GPU job (:mod:`.parallel`) — rewrites each phase's
-    model states for one rank before the allocator slack is added."""
-    def rank(phase: str, parts: dict) -> dict:
-        return adjust(phase, parts) if adjust is not None else parts
+    ``adjust(phase, parts, moment)`` — the sharding step of a multi-GPU job (:mod:`.parallel`) — rewrites each
+    phase's model states for one rank before the allocator slack is added; the training phase is the largest of
+    its moments after that rewrite (a sharded job can peak at another moment than one GPU)."""
+    def rank(phase: str, parts: dict, moment: str | None = None) -> dict:
+        return adjust(phase, parts, moment) if adjust is not None else parts
 
     base = persistent(ctx)
     phases: dict[str, dict[str, int]] = {}
@@ -162,7 +172,8 @@ def step(ctx: Ctx, adjust: Callable[[str, dict], dict] | None = None
     scored = scoring(ctx)
     if scored is not None:
         phases[P.SCORING] = with_slack(rank(P.SCORING, {**awake, **scored}))
-    phases[P.TRAINING] = with_slack(rank(P.TRAINING, {**awake, **training(ctx)}))
+    moments = [with_slack(rank(P.TRAINING, {**awake, **parts}, moment)) for moment, parts in training_moments(ctx)]
+    phases[P.TRAINING] = max(moments, key=lambda parts: sum(parts.values()))
     phases[P.OPTIMIZER] = with_slack(rank(P.OPTIMIZER, {**awake, **optimizer_step(ctx)}))
     phases = {P.PERSISTENT: with_slack(rank(P.PERSISTENT, dict(awake))), **phases}
     return phases, rank(P.PERSISTENT, dict(base))

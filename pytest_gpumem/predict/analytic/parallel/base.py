@@ -36,7 +36,8 @@ class Shares:
 @dataclass(frozen=True)
 class Strategy:
     """One sharding strategy: a function per phase returning the rank's model states and transients for it
-    (``phase(ctx, shares, one_gpu_parts) -> {component: bytes}``), and ``host`` for offloaded memory."""
+    (``phase(ctx, shares, one_gpu_parts) -> {component: bytes}``; ``training`` also gets the moment of the
+    micro-step, one of ``phases.MOMENTS``), and ``host`` for offloaded memory."""
 
     name: str
     label: str
@@ -44,7 +45,7 @@ class Strategy:
     persistent: Callable[[Ctx, Shares], dict]
     generation: Callable[[Ctx, Shares, dict], dict]
     scoring: Callable[[Ctx, Shares, dict], dict]
-    training: Callable[[Ctx, Shares, dict], dict]
+    training: Callable[[Ctx, Shares, dict, str | None], dict]
     optimizer_step: Callable[[Ctx, Shares, dict], dict]
     host: Callable[[Ctx, Shares], dict]
 
@@ -95,13 +96,15 @@ def adjuster(ctx: Ctx, strategy: Strategy, shares: Shares) -> Callable[[str, dic
     by_phase = {P.PERSISTENT: None, P.GENERATION: strategy.generation, P.SCORING: strategy.scoring,
                 P.TRAINING: strategy.training, P.OPTIMIZER: strategy.optimizer_step}
 
-    def adjust(phase: str, parts: dict) -> dict:
+    def adjust(phase: str, parts: dict, moment: str | None = None) -> dict:
         one_gpu = dict(parts)
         rank_parts = {k: v for k, v in parts.items() if k not in MODEL_STATES}
         rank_parts.update(persistent)
         extra = by_phase.get(phase)
         if extra is not None:
-            for name, num_bytes in extra(ctx, shares, one_gpu).items():
+            # the training phase also says which moment of the micro-step it is (phases.MOMENTS)
+            made = extra(ctx, shares, one_gpu, moment) if phase == P.TRAINING else extra(ctx, shares, one_gpu)
+            for name, num_bytes in made.items():
                 rank_parts[name] = rank_parts.get(name, 0) + num_bytes if name not in MODEL_STATES else num_bytes
         rank_parts[C.NCCL_BUFFERS] = nccl_bytes(shares.world_size) + rank0_server_nccl_bytes(ctx, shares)
         return rank_parts

@@ -30,9 +30,9 @@ def _ddp_persistent(ctx: Ctx, shares: Shares) -> dict:
     return parts
 
 
-def _keep(*names: str) -> Callable[[Ctx, Shares, dict], dict]:
+def _keep(*names: str) -> Callable[..., dict]:
     """A phase whose model states are the one-GPU ones (``names`` kept from the one-GPU phase)."""
-    def phase(ctx: Ctx, shares: Shares, one_gpu: dict) -> dict:
+    def phase(ctx: Ctx, shares: Shares, one_gpu: dict, moment: str | None = None) -> dict:
         return {name: one_gpu[name] for name in names if name in one_gpu}
     return phase
 

@@ -67,7 +67,10 @@ def forward_gather_bytes(ctx: Ctx) -> int:
     setup, spec = ctx.setup, ctx.spec
     if setup.fsdp_wrap == "none" or not setup.reshard_after_forward:
         return spec.num_params * BF16
-    return (2 * shapes.block_params(spec) + shapes.root_params(spec)) * BF16
+    embed_unit, tail = outer_units(spec)
+    # at the forward's end: the last block, the tail and the embedding unit (re-gathered by the root's hooks;
+    # simulated: 2420 MiB = 2 × (block + embedding + tail) for Llama-3.1-8B reduced to 2 layers, N = 8)
+    return (shapes.block_params(spec) + embed_unit + tail) * BF16
 
 
 def _reduce_scatter_bytes(ctx: Ctx) -> int:
@@ -87,7 +90,7 @@ def _generation(version: int):
         stored = _loaded_bytes(ctx) if setup.is_lora else FP32
         if version == 2:
             return {C.WEIGHT_SYNC: shapes.largest_param(spec) * stored}
-        largest_unit = max(shapes.block_params(spec), shapes.root_params(spec))
+        largest_unit = max(shapes.block_params(spec), *outer_units(spec))
         return {C.WEIGHT_SYNC: largest_unit * stored}
     return generation
 
@@ -105,10 +108,74 @@ def _scoring(version: int):
     return scoring
 
 
-def _training(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:
-    grads = 0 if ctx.setup.offload_params else sh.trainable * FP32  # sharded fp32 .grad at the backward's end
-    return {C.GRADIENTS: grads, C.GATHERED_PARAMS: forward_gather_bytes(ctx),
-            C.REDUCE_BUCKETS: _reduce_scatter_bytes(ctx)}
+def outer_units(spec) -> tuple[int, int]:
+    """(the embedding's own unit, the tail unit) in parameters, as accelerate 1.16 carves them
+    (``fsdp2_prepare_model``: "Carve embed + tail=[final_norm, lm_head] into their own units. Tail gets
+    ``False``" — not resharded after forward): untied, the embedding is a unit of its own and the tail holds the
+    final norm and the lm_head; tied, the one shared weight goes with the tail and there is no embedding unit."""
+    vh, h = spec.vocab_size * spec.hidden_size, spec.hidden_size
+    if spec.tie_word_embeddings:
+        return 0, vh + h
+    return vh, vh + h
+
+
+def _training(ctx: Ctx, sh: Shares, one_gpu: dict, moment: str | None) -> dict:
+    """The micro-step's moments (``phases.MOMENTS``) under FSDP with per-layer units resharded after forward.
+    The tail unit (see :func:`outer_units`) stays unsharded from the forward's end until its post-backward:
+    untied, right after the lm_head's backward; tied, only after the embedding's backward at the very end, so the
+    shared weight's unsharded bf16 gradient lives through the whole backward. Each block is all-gathered with the
+    next one prefetched and its bf16 gradients are its reduce-scatter input; the lm_head weight's gradient cast
+    to bf16 is already in the log-prob backward (``logits``). Cross-checked against the FakeTensor simulation of
+    rank 0 under a fake group (docs/distributed.md §5)."""
+    setup, spec = ctx.setup, ctx.spec
+    blk, vh = shapes.block_params(spec), spec.vocab_size * spec.hidden_size
+    embed_unit, tail = outer_units(spec)
+    tied = spec.tie_word_embeddings
+    accumulating = setup.gradient_accumulation_steps > 1
+    n = sh.world_size
+    if setup.offload_params:
+        sharded_all = sharded_blocks = sharded_head = 0
+    elif setup.is_lora:
+        sharded_all = sharded_blocks = sh.trainable * FP32
+        sharded_head = 0
+    else:
+        sharded_all = sh.trainable * FP32
+        sharded_blocks = shapes.fsdp_shard_params(spec, n, sh.rank) - shapes.root_shard_params(spec, n, sh.rank)
+        sharded_blocks *= FP32
+        sharded_head = 0 if tied else -(-spec.vocab_size // n) * spec.hidden_size * FP32
+    root_grad = 0 if setup.is_lora else vh * BF16  # an unsharded bf16 gradient of the (tied) embedding / head
+    lora_block = ctx.lora_params // max(spec.num_hidden_layers, 1)
+    block_grads = (lora_block if setup.is_lora else blk) * BF16  # one block's reduce-scatter input
+    if setup.fsdp_wrap == "none":  # one root unit: nothing is reduced before the backward ends
+        rs = (ctx.lora_params if setup.is_lora else spec.num_params) * BF16 if moment == "embedding" else 0
+        return {C.GRADIENTS: one_gpu.get(C.GRADIENTS, 0), C.GATHERED_PARAMS: spec.num_params * BF16,
+                C.REDUCE_BUCKETS: rs}
+    # reshard_after_forward=False keeps every unit unsharded from its forward until its own post-backward: the
+    # whole model at the backward's start, one block less after each block's backward
+    kept = spec.num_params * BF16 if not setup.reshard_after_forward else None
+    before = sharded_all if accumulating else 0  # earlier micro-steps' sharded gradients
+    tail_kept = tail if tied else 0  # the tied tail stays unsharded through the whole backward
+    if moment == "head":  # the log-prob backward; the last block is all-gathered for its backward
+        parts = {C.GRADIENTS: before, C.GATHERED_PARAMS: kept or (tail + blk) * BF16}
+        if not tied and not setup.is_lora:
+            # untied, the lm_head's bf16 gradient is the tail's reduce-scatter input right here (the chunked
+            # log-prob backward's grad_weight.to(bf16) is counted in logits: moved, not added)
+            parts[C.REDUCE_BUCKETS] = root_grad
+            if setup.logits == "chunked":
+                parts[C.LOGITS] = -root_grad
+        return parts
+    if moment == "last_block":
+        return {C.GRADIENTS: max(before, sharded_head) + (root_grad if tied else 0),
+                C.GATHERED_PARAMS: kept or (tail_kept + 2 * blk) * BF16, C.REDUCE_BUCKETS: block_grads}
+    if moment == "first_block":  # every other block reduced; the embedding unit (kept, or prefetched) is next
+        return {C.GRADIENTS: max(before, sharded_blocks + sharded_head) + (root_grad if tied else 0),
+                C.GATHERED_PARAMS: (tail_kept + embed_unit + blk) * BF16, C.REDUCE_BUCKETS: block_grads}
+    if moment == "embedding":  # the embedding's backward and reduce-scatter; the last block's still in flight
+        own_grad = 0 if tied or setup.is_lora else root_grad  # tied: both gradients are in recomputed_layer
+        return {C.GRADIENTS: max(before, sharded_blocks + sharded_head) + own_grad,
+                C.GATHERED_PARAMS: (tail_kept + embed_unit) * BF16,
+                C.REDUCE_BUCKETS: (0 if setup.is_lora else (tail if tied else embed_unit) * BF16) + block_grads}
+    return {C.GRADIENTS: before, C.GATHERED_PARAMS: kept or (tail + blk) * BF16}  # the forward's end
 
 
 def _optimizer_step(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:

@@ -102,6 +102,11 @@ def fsdp_shard_params(spec: ModelSpec, world_size: int, rank: int) -> int:
             + _rank_rows(root, world_size, rank))
 
 
+def root_shard_params(spec: ModelSpec, world_size: int, rank: int) -> int:
+    """Rank ``rank``'s dim-0 share of the root's parameters (embedding, final norm, lm_head)."""
+    return _rank_rows(tensors(spec)[1], world_size, rank)
+
+
 def _rank_rows(group: tuple[Tensor, ...], world_size: int, rank: int) -> int:
     total = 0
     for t in group:

@@ -120,7 +120,7 @@ def _bucket(ctx: Ctx) -> int:
 
 
 def _training(stage: int):
-    def training(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:
+    def training(ctx: Ctx, sh: Shares, one_gpu: dict, moment: str | None) -> dict:
         setup = ctx.setup
         if stage == 1:  # the whole bf16 .grad, as on one GPU (the compute is bf16)
             return {C.GRADIENTS: one_gpu.get(C.GRADIENTS, 0), C.REDUCE_BUCKETS: _bucket(ctx)}
