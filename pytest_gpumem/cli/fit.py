@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow fewer completions per optimizer step (default: b × GA is kept)")
     parser.add_argument("--gpus", type=int, default=None, metavar="N",
                         help="search the launch on N GPUs too: DDP, ZeRO-2/3, FSDP2, optimizer/parameter offload "
-                             "(per-GPU budget; the launch changing the setup least wins)")
+                             "(per-GPU budget; training quality kept first, then the cheapest launch); "
+                             "default: none (the setup's own launch)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

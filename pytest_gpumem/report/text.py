@@ -196,8 +196,7 @@ def summary_table(records: list[dict], width: int = SUMMARY_WIDTH) -> list[str]:
         peak_text = "-"
         if predicted.get("peak_bytes") is not None:
             phase = predicted.get("peak_phase")
-            worst = f" {predicted['worst_role']}" if predicted.get("worst_role") else ""  # multi-GPU: which rank
-            peak_text = f"{_short_gib(predicted['peak_bytes'])} {SHORT_PHASES.get(phase, phase)}{worst}"
+            peak_text = f"{_short_gib(predicted['peak_bytes'])} {SHORT_PHASES.get(phase, phase)}"
         measured_text = "-"  # why a figure is missing is in the test's section
         if measured and any(measured.get(k) is not None for k in ("peak_reserved_bytes", "nvml_peak_bytes")):
             measured_text = (f"{_short_gib(measured.get('peak_reserved_bytes'))} / "

@@ -24,7 +24,12 @@ ESTIMATE = "estimate"
 #: NOT_SIMULATED_COMPONENTS (tests/test_simulate_verdict.py holds the two lists together).
 FROM_ESTIMATE = frozenset({Component.CUDA_CONTEXT.value, Component.GENERATE_KV_CACHE.value,
                            Component.GENERATE_LOGITS.value} | {c.value for c in Component
-                                                               if c.value.startswith("vllm_")})
+                                                               if c.value.startswith("vllm_")}
+                          # a rank's sharding parts: the one-GPU simulation refuses multi-GPU setups
+                          # (faketensor.scope.check_supported), so only the estimate has them; NCCL is non-torch
+                          | {Component.MASTER_WEIGHTS.value, Component.GATHERED_PARAMS.value,
+                             Component.REDUCE_BUCKETS.value, Component.WEIGHT_SYNC.value,
+                             Component.NCCL_BUFFERS.value})
 
 
 def whole_step(simulated: Breakdown, estimated: Breakdown) -> Breakdown:
