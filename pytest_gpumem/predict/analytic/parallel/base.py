@@ -24,7 +24,6 @@ class Shares:
     """What one rank owns, in elements: its share of the policy's parameters, of the trained ones, of the frozen
     ones (a LoRA base), and the sizes the gathers are made of."""
 
-    role: str
     world_size: int
     rank: int
     params: int
@@ -67,6 +66,14 @@ def nccl_bytes(world_size: int) -> int:
     if world_size <= 1:
         return 0
     return NCCL_BYTES_TWO_GPUS if world_size == 2 else NCCL_BYTES_MORE_GPUS
+
+
+def shares_of(ctx: Ctx, rank: int, params: int, trainable: int | None = None) -> Shares:
+    """Rank ``rank``'s :class:`Shares`: ``params`` of the policy's parameters, ``trainable`` of the trained ones
+    (default: all of them — nothing partitioned)."""
+    total = trainable_total(ctx)
+    return Shares(world_size=ctx.setup.world_size, rank=rank, params=params,
+                  trainable=total if trainable is None else trainable, trainable_total=total)
 
 
 def rank0_server_nccl_bytes(ctx: Ctx, shares: Shares) -> int:

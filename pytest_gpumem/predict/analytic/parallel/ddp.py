@@ -7,13 +7,11 @@ from typing import Callable
 from .. import params
 from ..constants import C
 from ..context import Ctx
-from .base import Shares, Strategy, none_host, trainable_total
+from .base import Shares, Strategy, none_host, shares_of
 
 
 def _ddp_shares(ctx: Ctx, rank: int) -> Shares:
-    total = trainable_total(ctx)
-    return Shares(role="", world_size=ctx.setup.world_size, rank=rank, params=ctx.spec.num_params,
-                  trainable=total, trainable_total=total)
+    return shares_of(ctx, rank, ctx.spec.num_params)
 
 
 def _ddp_persistent(ctx: Ctx, shares: Shares) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from ..constants import DTYPE_BYTES, C
 from ..context import Ctx
 from . import shapes
-from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, trainable_total
+from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, shares_of, trainable_total
 
 BF16 = 2
 FP32 = 4
@@ -29,11 +29,10 @@ FP32 = 4
 def _shares(version: int):
     def shares(ctx: Ctx, rank: int) -> Shares:
         n, spec = ctx.setup.world_size, ctx.spec
-        total = trainable_total(ctx)
         # FSDP2 chunks each parameter on dim 0; FSDP1 pads one FlatParameter per unit
         params = (shapes.fsdp_shard_params(spec, n, rank) if version == 2 else shapes.flat_shard(spec.num_params, n))
-        trainable = params if not ctx.setup.is_lora else shapes.flat_shard(total, n)
-        return Shares(role="", world_size=n, rank=rank, params=params, trainable=trainable, trainable_total=total)
+        lora = shapes.flat_shard(trainable_total(ctx), n) if ctx.setup.is_lora else None
+        return shares_of(ctx, rank, params, params if lora is None else lora)
     return shares
 
 

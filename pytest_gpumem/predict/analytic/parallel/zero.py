@@ -36,7 +36,7 @@ from __future__ import annotations
 from ..constants import C
 from ..context import Ctx
 from . import shapes
-from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, trainable_total
+from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, shares_of, trainable_total
 
 BF16 = 2
 FP32 = 4
@@ -47,12 +47,10 @@ SUB_GROUP_ELEMENTS = 1_000_000_000
 def _shares(stage: int):
     def shares(ctx: Ctx, rank: int) -> Shares:
         n, spec = ctx.setup.world_size, ctx.spec
-        total = trainable_total(ctx)
         params = spec.num_params
         if stage == 3:  # every parameter's partition, plus the small ones whole
             params = shapes.flat_shard(spec.num_params, n) + shapes.persistent_params(spec)
-        return Shares(role="", world_size=n, rank=rank, params=params, trainable=shapes.flat_shard(total, n),
-                      trainable_total=total)
+        return shares_of(ctx, rank, params, shapes.flat_shard(trainable_total(ctx), n))
     return shares
 
 
