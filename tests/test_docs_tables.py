@@ -20,5 +20,5 @@ def test_per_rank_table_is_the_scripts_output():
     text = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
     found = re.search(r"<!-- per-rank-table:start -->\n(.*?)\n<!-- per-rank-table:end -->", text, re.S)
     assert found, "docs/distributed.md lost its per-rank table markers"
-    assert found.group(1).strip() == _load("scripts/per_rank_table.py").table().strip(), \
-        "regenerate: python scripts/per_rank_table.py"
+    assert found.group(1).strip() == _load("tools/per_rank_table.py").table().strip(), \
+        "regenerate: python tools/per_rank_table.py"

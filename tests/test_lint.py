@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED = ("pytest_gpumem", "tests", "benchmarks", "examples", "tools", "scripts", "conftest.py")
+CHECKED = ("pytest_gpumem", "tests", "benchmarks", "examples", "tools", "conftest.py")
 
 
 def test_ruff_is_clean():

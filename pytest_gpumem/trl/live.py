@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Mapping
 
+from .. import launch_config
 from ..errors import GpuMemError, SetupError
 from ..gpus import GPU, resolve_gpu
 from ..predict.analytic.constants import CUDA_CONTEXT_BYTES
@@ -146,6 +148,11 @@ def setup_from_trainer(trainer: Any = None, *, args: Any = None, model: Any = No
     data.update(overrides)
     peft_config = peft_config_of(model)
     world = int(getattr(args, "world_size", 1) or 1)
+    if world > 1:
+        launch, launch_note = launch_of(trainer)
+        data = {**launch, **data}  # the trainer's own facts and the overrides win
+        if launch_note:
+            notes.append(launch_note)
     try:
         setup = GRPOSetup.from_trl(args, model=model, peft_config=peft_config, **_world(data, world))
     except SetupError as exc:
@@ -153,12 +160,46 @@ def setup_from_trainer(trainer: Any = None, *, args: Any = None, model: Any = No
         notes.append(f"{world} processes: TRL's divisibility rule is over all of them; num_generations "
                      f"{args.num_generations} → {setup.num_generations} for the estimate of one GPU (the memory "
                      "of a GPU does not depend on the group size)")
+    if world > 1 and getattr(setup, "world_size", 1) == world:
+        notes.append(f"{world} processes: each GPU is estimated as a rank of a {setup.distributed} job "
+                     "(the worst rank judged)")
     if world > 1 and "world_size" not in _setup_fields():
         notes.append(f"{world} processes: each GPU is estimated as one process with its own batch "
                      "(DeepSpeed/FSDP sharding is not modelled)")
     if peft_config is not None:
         notes.append(f"LoRA r={setup.lora_rank} on {', '.join(setup.resolve_target_modules())} (model.peft_config)")
     return setup, notes
+
+
+def launch_of(trainer: Any) -> tuple[dict[str, Any], str | None]:
+    """The sharding strategy the trainer's accelerator runs (``trainer.accelerator.state``): DeepSpeed's config as
+    the engine got it (``deepspeed_plugin.deepspeed_config``, read like a DeepSpeed JSON), or FSDP's plugin
+    (version, resharding, CPU offload, wrap policy). ``({}, None)`` for DDP or without an accelerator."""
+    state = getattr(getattr(trainer, "accelerator", None), "state", None)
+    kind = str(getattr(getattr(state, "distributed_type", None), "value", getattr(state, "distributed_type", "")))
+    if kind == "DEEPSPEED":
+        plugin = getattr(state, "deepspeed_plugin", None)
+        config = getattr(plugin, "deepspeed_config", None) or {}
+        try:
+            keys = launch_config.from_deepspeed(config, Path("the accelerator's DeepSpeed config"))
+        except GpuMemError as exc:
+            return {}, f"DeepSpeed launch not modelled ({exc.problem}): estimated as DDP"
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            keys.pop(name, None)  # the trainer's args hold them
+        return keys, f"launch: {keys['distributed']} (read from the accelerator's DeepSpeed config)"
+    if kind == "FSDP":
+        plugin = getattr(state, "fsdp_plugin", None)
+        version = int(getattr(plugin, "fsdp_version", 1) or 1)
+        reshard = getattr(plugin, "reshard_after_forward", True)
+        if not isinstance(reshard, bool):  # FSDP1: a ShardingStrategy; SHARD_GRAD_OP keeps parameters unsharded
+            reshard = "SHARD_GRAD_OP" not in str(reshard)
+        offload = getattr(plugin, "cpu_offload", None)
+        offloaded = type(offload).__name__ == "CPUOffloadPolicy" or bool(getattr(offload, "offload_params", False))
+        wrap = "none" if getattr(plugin, "auto_wrap_policy", None) is None else "transformer_layer"
+        keys = {"distributed": f"fsdp{version}", "reshard_after_forward": reshard, "offload_params": offloaded,
+                "fsdp_wrap": wrap}
+        return keys, f"launch: fsdp{version} (read from the accelerator's FSDP plugin)"
+    return {}, None
 
 
 def _setup_fields() -> set[str]:

@@ -1,7 +1,7 @@
 """Print the docs table of per-rank predictions (docs/distributed.md §8): 7B / 14B / 32B GRPO on 8 × 80 GB with
 ZeRO-3 and FSDP2, full fine-tuning and LoRA, HF generate and colocated vLLM.
 
-Usage: ``python scripts/per_rank_table.py [--write-docs]`` (pure arithmetic: the analytic estimate, < 1 s);
+Usage: ``python tools/per_rank_table.py [--write-docs]`` (pure arithmetic: the analytic estimate, < 1 s);
 ``--write-docs`` replaces the table in docs/distributed.md. tests/test_docs_tables.py requires the docs to hold
 exactly this output, so the table cannot drift from the code.
 """
