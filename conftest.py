@@ -10,13 +10,31 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+#: packages that register process-wide state when first imported (pyarrow extension types, TORCH_LIBRARY
+#: namespaces, ...) and so cannot be imported twice in one process
+_IMPORT_ONCE = frozenset({"torch", "torchvision", "datasets", "pyarrow", "transformers", "trl", "peft", "accelerate",
+                          "safetensors", "tokenizers", "deepspeed", "triton"})
+
+
 def pytest_configure(config):
-    # pytester's in-process runs drop the modules first imported inside them. datasets (imported by trl when a
-    # simulation runs in such a run) registers pyarrow extension types once per process, so importing it again
-    # later in the same worker fails with ArrowKeyError ("... Array2DExtensionType already defined"), and which
-    # test meets it depends on how xdist shares the tests out. Imported here first, it is never dropped (~1 s,
-    # no torch).
+    # pytester's in-process runs restore sys.modules afterwards, dropping the modules first imported inside them.
+    # Re-importing torch or datasets later in the same worker then fails ("Only a single TORCH_LIBRARY can be used
+    # to register the namespace c10d_functional", "Array2DExtensionType already defined"), in whichever test meets
+    # it first — order-dependent failures under xdist. Keep those packages across pytester's snapshots (pytester
+    # itself keeps zope and readline the same way).
     try:
-        import datasets  # noqa: F401
-    except ImportError:
-        pass
+        from _pytest.pytester import SysModulesSnapshot
+    except ImportError:  # a pytest without pytester's snapshot: nothing to keep
+        return
+    original = SysModulesSnapshot.__init__
+    if getattr(original, "_gpumem_keeps_heavy_modules", False):
+        return
+
+    def __init__(self, preserve=None):
+        def keep(name: str) -> bool:
+            return name.split(".", 1)[0] in _IMPORT_ONCE or (preserve is not None and preserve(name))
+
+        original(self, preserve=keep)
+
+    __init__._gpumem_keeps_heavy_modules = True
+    SysModulesSnapshot.__init__ = __init__

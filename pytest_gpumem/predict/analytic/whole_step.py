@@ -25,11 +25,9 @@ ESTIMATE = "estimate"
 FROM_ESTIMATE = frozenset({Component.CUDA_CONTEXT.value, Component.GENERATE_KV_CACHE.value,
                            Component.GENERATE_LOGITS.value} | {c.value for c in Component
                                                                if c.value.startswith("vllm_")}
-                          # a rank's sharding parts: the one-GPU simulation refuses multi-GPU setups
-                          # (faketensor.scope.check_supported), so only the estimate has them; NCCL is non-torch
-                          | {Component.MASTER_WEIGHTS.value, Component.GATHERED_PARAMS.value,
-                             Component.REDUCE_BUCKETS.value, Component.WEIGHT_SYNC.value,
-                             Component.NCCL_BUFFERS.value})
+                          # NCCL's buffers are non-torch; DeepSpeed's master partitions exist only in ZeRO, which
+                          # the simulation does not trace (the FSDP2 rank's gathers and buckets it sees itself)
+                          | {Component.MASTER_WEIGHTS.value, Component.NCCL_BUFFERS.value})
 
 
 def whole_step(simulated: Breakdown, estimated: Breakdown) -> Breakdown:

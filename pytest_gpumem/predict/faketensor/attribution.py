@@ -10,14 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...breakdown import PHASE_ORDER, Breakdown, Component
-from .ranks import (
-    ALL_GATHER_REGION,
-    GATHERED_PARAMS,
-    REDUCE_SCATTER_REGION,
-    UNSHARDED_GRADIENTS,
-    WEIGHT_SYNC,
-    WEIGHT_SYNC_REGION,
-)
+from .ranks import ALL_GATHER_REGION, REDUCE_SCATTER_REGION, WEIGHT_SYNC_REGION
 
 if TYPE_CHECKING:  # the state of a run; replay.py imports torch
     from .replay import Replay
@@ -52,11 +45,11 @@ def component(state: Replay, record, grad_ids: dict, state_ids: dict) -> str:
         return Component.WEIGHT_CASTS.value
     region = record.region
     if record.alloc_id in state.unsharded_grad_ids or region == REDUCE_SCATTER_REGION:
-        return UNSHARDED_GRADIENTS
+        return Component.REDUCE_BUCKETS.value  # a unit's unsharded gradients, the reduce-scatter's buffers
     if region == ALL_GATHER_REGION:
-        return GATHERED_PARAMS
+        return Component.GATHERED_PARAMS.value
     if region == WEIGHT_SYNC_REGION:
-        return WEIGHT_SYNC
+        return Component.WEIGHT_SYNC.value
     shape = record.shape
     if len(shape) == 4 and shape[1] == 1 and shape[-1] == shape[-2] == state.setup.seq_len:
         return Component.ATTENTION_MASK.value

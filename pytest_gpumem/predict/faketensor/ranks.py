@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...breakdown import Component
 from .scope import SimulationError
 
 #: the strategies this module knows, as ``GRPOSetup.distributed`` spells them
@@ -21,16 +22,15 @@ ANALYTIC_STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp1")
 FSDP_WRAPS = ("transformer_layer", "none")
 
 #: Components of a sharded rank that a single GPU does not have (names in the breakdown; bytes of this rank),
-#: spelled as the per-rank estimate's ``Component.GATHERED_PARAMS`` / ``REDUCE_BUCKETS`` / ``WEIGHT_SYNC``
-#: (branch i13) so that the two compare by name:
+#: the per-rank estimate's own names so that the two compare by name:
 #: FSDP2's all-gathered units in ``param_dtype`` with their all-gather buffers (the root-only reference model
 #: gathers all of itself at once) ...
-GATHERED_PARAMS = "gathered_params"
+GATHERED_PARAMS = Component.GATHERED_PARAMS.value
 #: ... a unit's full-size gradients before its reduce-scatter (accumulated across micro-steps under no_sync)
 #: and the reduce-scatter's input/output buffers ...
-UNSHARDED_GRADIENTS = "reduce_buckets"
+UNSHARDED_GRADIENTS = Component.REDUCE_BUCKETS.value
 #: ... and the full parameter TRL's FSDP2 weight sync to vLLM gathers (``full_tensor()``, one at a time).
-WEIGHT_SYNC = "weight_sync_gather"
+WEIGHT_SYNC = Component.WEIGHT_SYNC.value
 #: the tracker regions fsdp.py sets while FSDP2 gathers / reduces, and replay.py while TRL syncs vLLM
 ALL_GATHER_REGION = "fsdp_all_gather"
 REDUCE_SCATTER_REGION = "fsdp_reduce_scatter"

@@ -18,10 +18,9 @@ NOT_SIMULATED_COMPONENTS = frozenset({
     Component.VLLM_KV_CACHE.value, Component.VLLM_ACTIVATIONS.value, Component.VLLM_CUDA_GRAPHS.value,
     Component.VLLM_NON_TORCH.value, Component.GENERATE_KV_CACHE.value, Component.GENERATE_LOGITS.value,
     Component.BATCH_BUFFERS.value, Component.OTHER.value,
-    # multi-GPU components: the simulation refuses multi-GPU setups (check_supported); NCCL's buffers are never
-    # torch's
-    Component.MASTER_WEIGHTS.value, Component.GATHERED_PARAMS.value, Component.REDUCE_BUCKETS.value,
-    Component.WEIGHT_SYNC.value, Component.NCCL_BUFFERS.value,
+    # DeepSpeed's fp32 master partitions (ZeRO is not traced: ranks.ANALYTIC_STRATEGIES); NCCL's buffers are
+    # never torch's
+    Component.MASTER_WEIGHTS.value, Component.NCCL_BUFFERS.value,
 })
 #: Phases the simulation produces (generation is not simulated: HF generate is data-dependent).
 SIMULATED_PHASES = (Phase.PERSISTENT.value, Phase.SCORING.value, Phase.TRAINING.value, Phase.OPTIMIZER.value)
@@ -56,12 +55,6 @@ def check_supported(setup: GRPOSetup, spec: ModelSpec) -> None:
             "backend", f"the simulation replays TRL's GRPOTrainer; backend {setup.backend!r} (its own chunked "
                        "log-probs, offloaded checkpointing and fused kernels) is not traced",
             fix="use `gpumem estimate` for Unsloth setups, or backend='trl'")
-    if setup.is_distributed:
-        # one process, no process group: a rank of a sharded job would be simulated as a whole single GPU
-        raise SimulationError(
-            "world_size", f"the simulation traces one GPU; a rank of a {setup.distributed} job on "
-                          f"{setup.world_size} GPU(s) is not simulated in this version",
-            fix="use `gpumem estimate` (per rank, every strategy) for multi-GPU setups")
     if setup.gradient_checkpointing == "unsloth":
         raise SimulationError("gradient_checkpointing", "Unsloth's offloaded checkpointing (layer inputs moved to "
                               "CPU) is not simulated", fix="simulate gradient_checkpointing=true, or use `gpumem "
