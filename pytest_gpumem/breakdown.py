@@ -43,6 +43,7 @@ class Role(str, Enum):
     RANK0 = "rank0"  # training rank 0: the largest padded shard and anything only the main process does
     OTHER_RANKS = "rank1+"  # the worst of the other training ranks
     HOST = "host"  # CPU memory of one machine: what ZeRO / FSDP offload put there (all its ranks together)
+    VLLM_SERVER = "vllm_server"  # one GPU of a `trl vllm-serve` server (every TP/DP worker alike)
 
     def __str__(self) -> str:
         return self.value
@@ -70,6 +71,7 @@ class Component(str, Enum):
     VLLM_ACTIVATIONS = "vllm_activations"  # vLLM's profiled activation peak
     VLLM_CUDA_GRAPHS = "vllm_cuda_graphs"
     VLLM_NON_TORCH = "vllm_non_torch"  # vLLM's own non-torch memory (NCCL, cuBLAS handles)
+    VLLM_WEIGHT_SYNC = "vllm_weight_sync"  # a vLLM server worker's received weight chunks (full parameters)
     GENERATE_KV_CACHE = "generate_kv_cache"  # HF generate's dynamic KV cache
     GENERATE_LOGITS = "generate_logits"  # HF generate's per-step fp32 logits rows
     ACTIVATIONS = "activations"  # saved activations (checkpointed layer inputs, or all of them)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from . import distributed as dist
 from . import launch_config
+from . import vllm_layout as layout
 from .architectures import architecture
 from .backends import (
     BACKENDS,
@@ -117,6 +118,17 @@ class GRPOSetup:
     allgather_bucket_size: Any = None
     stage3_prefetch_bucket_size: Any = None
     overlap_comm: bool | None = None
+    # -- generation across GPUs (pytest_gpumem.vllm_layout) ------------------------------------------------
+    #: colocate mode: training ranks per vLLM tensor-parallel group (TRL's GRPOConfig name)
+    vllm_tensor_parallel_size: int | None = None
+    #: server mode (trl vllm-serve on its own GPUs): --tensor-parallel-size, --data-parallel-size, the card,
+    #: --gpu-memory-utilization (0.9), --max-num-seqs / --max-num-batched-tokens (vLLM's defaults by card)
+    vllm_server_tensor_parallel_size: int | None = None
+    vllm_server_data_parallel_size: int | None = None
+    vllm_server_gpu: Any = None
+    vllm_server_gpu_memory_utilization: float | None = None
+    vllm_server_max_num_seqs: int | None = None
+    vllm_server_max_num_batched_tokens: int | None = None
     #: names of the fields the user gave (the rest are backend defaults); filled automatically
     explicit_fields: frozenset = field(default=frozenset(), compare=False)
     #: notes made while resolving defaults (e.g. Unsloth's batch-size reset); read by the estimate
@@ -306,6 +318,9 @@ class GRPOSetup:
             data["lora_target_modules"] = list(data["lora_target_modules"])
         if not self.is_distributed:  # one GPU: the JSON of a single-GPU setup is what it always was
             for name in dist.FIELDS:
+                data.pop(name)
+        if not layout.uses_layout(self):  # one colocated vLLM per GPU: likewise
+            for name in layout.FIELDS:
                 data.pop(name)
         return data
 
@@ -510,6 +525,7 @@ def _resolve_and_validate(setup: GRPOSetup) -> None:  # noqa: C901 - one linear 
     # the model must resolve (unknown names are errors with close matches)
     spec = resolve_model(setup.model)
     dist.resolve(setup, _set, spec.hidden_size)
+    layout.resolve(setup, _set, spec)
     if setup.is_distributed and not backend.multi_gpu:
         raise SetupError("world_size", f"{backend.label}'s GRPO is modelled on one GPU only",
                          fix="use world_size=1 and distributed='none', or backend='trl'")

@@ -184,7 +184,8 @@ def test_vllm_server_mode_adds_a_communicator_on_rank0_only():
     e = est(world_size=8, distributed="zero3", use_vllm=True, vllm_mode="server")
     rank0_nccl = e.breakdown.role("rank0").components("persistent")["nccl_buffers"]
     other_nccl = e.breakdown.role("rank1+").components("persistent")["nccl_buffers"]
-    assert rank0_nccl - other_nccl == 544 * 10**6  # the weight-transfer group with the server (trl VLLMClient)
+    # the weight-transfer group with the server's T × D = 1 worker + the trainer (trl VLLMClient): 2 GPUs
+    assert rank0_nccl - other_nccl == 544 * 10**6
     assert e.breakdown.worst_role == "rank0"
 
 

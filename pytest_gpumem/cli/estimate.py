@@ -6,6 +6,7 @@ import argparse
 
 from ..predict.analytic import estimate
 from ..units import format_gib
+from ..vllm_layout import server_gpus
 from ._setup_args import GPU_HELP, add_setup_arguments, print_result, setup_from_args
 
 
@@ -26,6 +27,11 @@ def run(args: argparse.Namespace) -> int:
         offload = [name for name in ("offload_optimizer", "offload_params") if getattr(setup, name)]
         header += (f", {setup.distributed} on {setup.world_size} GPU(s)"
                    + (f" ({', '.join(offload)})" if offload else "") + " — per GPU, the worst rank shown")
+    if setup.use_vllm and setup.vllm_mode == "server":
+        header += (f"; vLLM server T={setup.vllm_server_tensor_parallel_size} D={setup.vllm_server_data_parallel_size}"
+                   f" on {server_gpus(setup)} more GPU(s)")
+    elif setup.use_vllm and setup.vllm_tensor_parallel_size > 1:
+        header += f"; colocated vLLM T={setup.vllm_tensor_parallel_size}"
     details = [f"largest single allocation: {result.largest_allocation_name} = "
                f"{format_gib(result.largest_allocation_bytes)}"]
     return print_result(result, args.json, header, details, verdict_note=" as torch reports it")

@@ -48,6 +48,7 @@ COMPONENT_COLOURS = {
     Component.REDUCE_BUCKETS.value: "#bd9e39",
     Component.WEIGHT_SYNC.value: "#8ca252",
     Component.NCCL_BUFFERS.value: "#b5cf6b",
+    Component.VLLM_WEIGHT_SYNC.value: "#843c39",
     Component.ALLOCATOR_SLACK.value: "#d9d9d9",
     Component.OTHER.value: "#525252",
 }

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ...breakdown import Breakdown, PeakJudgement
+from ...breakdown import Breakdown, PeakJudgement, Role
 from ...gpus import GPU, resolve_gpu
 from ...models import ModelSpec
 from ...spec import GRPOSetup
-from . import parallel, phases, vllm
+from . import parallel, phases, vllm, vllm_parallel
 from .context import Ctx
 
 
@@ -42,6 +42,28 @@ class Estimate(PeakJudgement):
     largest_allocation_name: str
     assumptions: tuple[str, ...]
     warnings: tuple[str, ...]
+    #: ((role, GPU), ...) for GPU roles on other cards than the training ranks' (the vLLM server's)
+    role_cards: tuple = ()
+
+    def role_totals(self) -> dict[str, int]:
+        """The card size each GPU role is judged against (the training ranks: ``gpu``)."""
+        totals = {role: card.total_bytes for role, card in self.role_cards if card is not None}
+        if self.gpu is not None:
+            for role in self.breakdown.gpu_role_names() or ["rank0"]:
+                totals.setdefault(role, self.gpu.total_bytes)
+        return totals
+
+    def fits(self, total_bytes: int | None = None, headroom: float = 0.0) -> bool:
+        """:meth:`PeakJudgement.fits` for the training GPUs, and (judged against the cards) every other GPU role
+        on its own card. A vLLM server GPU is judged without ``headroom``: it takes ``util × total`` by design, so
+        its margin is the server's utilisation, not the trainer's."""
+        if not super().fits(total_bytes, headroom):
+            return False
+        if total_bytes is not None:
+            return True
+        totals = self.role_totals()
+        return all(self.breakdown.role(role).peak_bytes <= total for role, total in totals.items()
+                   if role in self.breakdown.roles and role not in ("rank0", "rank1+"))
 
 
 def estimate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | None = None) -> Estimate:
@@ -50,6 +72,11 @@ def estimate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | Non
     _note_assumptions(ctx)
     if ctx.setup.is_distributed:
         breakdown, persistent, compute = parallel.estimate_roles(ctx)
+    elif vllm_parallel.server_mode(ctx):
+        # one training GPU and a `trl vllm-serve` server on its own GPUs: two roles
+        by_phase, persistent = phases.step(ctx, vllm_parallel.server_sync_adjuster(ctx, 0))
+        roles = {Role.RANK0.value: by_phase, Role.VLLM_SERVER.value: vllm_parallel.server_phases(ctx)}
+        breakdown, compute = Breakdown.from_roles(roles, source="estimate"), ctx
     else:
         by_phase, persistent = phases.step(ctx)
         breakdown, compute = Breakdown(phases=by_phase, source="estimate"), ctx
@@ -60,10 +87,12 @@ def estimate(setup: GRPOSetup | Mapping | str | Path, gpu: str | int | GPU | Non
     vllm.check_start(compute, persistent)
     setup, notes = ctx.setup, ctx.notes
     if setup.use_vllm and setup.vllm_mode == "server":
-        notes.assumptions.append("vllm_mode='server': vLLM runs on other GPUs, none of its memory is on this one")
+        notes.assumptions.append("vllm_mode='server': vLLM runs on its own GPUs (the vllm_server role); a training "
+                                 "GPU holds the weight sync and the completions, none of vLLM's reservation")
+    cards = ((Role.VLLM_SERVER.value, vllm_parallel.server_gpu(ctx)),) if vllm_parallel.server_mode(ctx) else ()
     return Estimate(setup=setup, model=ctx.spec, breakdown=breakdown, gpu=ctx.gpu,
                     largest_allocation_bytes=int(largest[2]), largest_allocation_name=largest[1],
-                    assumptions=tuple(notes.assumptions), warnings=tuple(notes.warnings))
+                    assumptions=tuple(notes.assumptions), warnings=tuple(notes.warnings), role_cards=cards)
 
 
 def _note_assumptions(ctx: Ctx) -> None:

@@ -256,6 +256,9 @@ def check_start(ctx: Ctx, persistent: dict[str, int]) -> None:
                 f"{format_gib(desired)}); lower vllm_gpu_memory_utilization to ≤ {free / total:.2f}")
     kv_cache = persistent.get(C.VLLM_KV_CACHE, 0)
     one_sequence = ctx.spec.kv_cache_bytes(setup.seq_len)
+    # a colocated tensor-parallel rank holds max(1, kv_heads // T) of the KV heads (vllm_parallel.kv_heads_per_rank)
+    kv_heads = ctx.spec.num_key_value_heads
+    one_sequence = one_sequence * max(1, kv_heads // setup.vllm_tensor_parallel_size) // kv_heads
     if kv_cache < one_sequence:
         warnings.append(
             f"vLLM would refuse to start: its KV cache ({format_gib(kv_cache)}) cannot hold one sequence of "

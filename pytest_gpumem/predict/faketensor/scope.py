@@ -16,7 +16,8 @@ from ...spec import GRPOSetup
 NOT_SIMULATED_COMPONENTS = frozenset({
     Component.CUDA_CONTEXT.value, Component.ALLOCATOR_SLACK.value, Component.VLLM_WEIGHTS.value,
     Component.VLLM_KV_CACHE.value, Component.VLLM_ACTIVATIONS.value, Component.VLLM_CUDA_GRAPHS.value,
-    Component.VLLM_NON_TORCH.value, Component.GENERATE_KV_CACHE.value, Component.GENERATE_LOGITS.value,
+    Component.VLLM_NON_TORCH.value, Component.VLLM_WEIGHT_SYNC.value, Component.GENERATE_KV_CACHE.value,
+    Component.GENERATE_LOGITS.value,
     Component.BATCH_BUFFERS.value, Component.OTHER.value,
     # DeepSpeed's fp32 master partitions (ZeRO is not traced: ranks.ANALYTIC_STRATEGIES); NCCL's buffers are
     # never torch's

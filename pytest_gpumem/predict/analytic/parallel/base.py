@@ -8,6 +8,7 @@ from typing import Callable, Mapping
 
 from ....breakdown import Role
 from ....spec import OPTIMIZERS
+from ....vllm_layout import is_server, server_gpus
 from ..constants import C, P
 from ..context import Ctx
 
@@ -80,9 +81,11 @@ def rank0_server_nccl_bytes(ctx: Ctx, shares: Shares) -> int:
     """vLLM server mode: only the main process joins the server's weight-transfer group ("The trainer joins the
     vLLM workers as an extra rank; it is rank 0", trl 1.16 ``VLLMClient.init_communicator``, called under
     ``if accelerator.is_main_process`` in ``vllm_generation.py``) — one more NCCL communicator on rank 0 only,
-    of at least 2 ranks (the server's tensor-parallel size + 1; the 2-GPU figure, a lower bound)."""
+    of the server's T × D workers + 1."""
     setup = ctx.setup
-    return NCCL_BYTES_TWO_GPUS if shares.rank == 0 and setup.use_vllm and setup.vllm_mode == "server" else 0
+    if shares.rank != 0 or not is_server(setup):
+        return 0
+    return nccl_bytes(server_gpus(setup) + 1)
 
 
 def trainable_total(ctx: Ctx) -> int:

@@ -6,7 +6,7 @@ import dataclasses
 
 from ....breakdown import Breakdown, Role
 from ....spec import GRPOSetup
-from .. import phases
+from .. import phases, vllm_parallel
 from ..context import Ctx
 from . import ddp, fsdp, zero
 from .base import adjuster, host_phases, nccl_bytes, role_ranks
@@ -33,13 +33,23 @@ def estimate_roles(ctx: Ctx) -> tuple[Breakdown, dict[str, int], Ctx]:
     strategy = STRATEGIES[setup.distributed] if setup.distributed != "none" else ddp.DDP
     compute = compute_ctx(ctx)
     roles, rank0_persistent, host = {}, {}, None
+    # generation across GPUs (vllm_parallel): a colocated TP rank's vLLM shard, a server's sync and GPUs
+    colocated = vllm_parallel.colocate_reservation(compute) if vllm_parallel.colocate_tp(compute) > 1 else None
+    server = vllm_parallel.server_mode(compute)
     for role, rank in role_ranks(setup.world_size).items():
         shares = strategy.shares(compute, rank)
-        by_phase, persistent = phases.step(compute, adjuster(compute, strategy, shares))
+        adjust = adjuster(compute, strategy, shares)
+        if colocated is not None:
+            adjust = vllm_parallel.colocate_adjuster(colocated, adjust)
+        if server:
+            adjust = vllm_parallel.server_sync_adjuster(compute, rank, adjust)
+        by_phase, persistent = phases.step(compute, adjust)
         roles[role] = by_phase
         if rank == 0:
             rank0_persistent = persistent
             host = host_phases(compute, strategy, shares)
+    if server:
+        roles[Role.VLLM_SERVER.value] = vllm_parallel.server_phases(compute)
     if host is not None:
         roles[Role.HOST.value] = host
     _note(ctx, strategy.label)
