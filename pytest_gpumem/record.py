@@ -35,6 +35,9 @@ class BudgetRecord(TypedDict):
     measured: dict | None
     baseline: dict | None  # {"peak_bytes", "delta_bytes", "status", "message", ...} (compare/baseline.py)
     gpu: dict | None  # {"name", "total_bytes"} of the card judged against
+    #: {role: {"budget_bytes", "budget_text"}} for GPU roles that are not training ranks (a vLLM server); the key
+    #: is present only when the setup has such a role
+    role_budgets: dict
     verdict: str | None  # "passed" | "failed" | "error" | "xfailed" | "skipped"
     reason: str | None
 
@@ -64,6 +67,8 @@ class BudgetSpec:
     budget_origin: str  # "marker", "gpu" (the marker's card) or "default" (gpu_budget_default)
     #: allowed growth over the saved baseline (the marker's baseline_tolerance=), None: the session's
     baseline_tolerance: Tolerance | None = None
+    #: ((role, (bytes, text)), ...): the budget of each GPU role that is not a training rank (vllm_server)
+    role_budgets: tuple = ()
 
     def judge_gpu(self) -> GPU | None:
         """The card a prediction is made for: the given one, else a card the size of the budget."""

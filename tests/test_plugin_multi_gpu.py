@@ -45,7 +45,8 @@ def test_multi_gpu_marker_is_judged_on_the_worst_rank(pytester):
     assert set(predicted["roles"]) == {"rank0", "rank1+"}
     assert "roles" not in tests["test_one"]["predicted"]
     result.stdout.fnmatch_lines(["*(the worst training GPU: rank0)*", "role*peak*phase*top components*",
-                                 "rank0*← worst GPU", "rank1+*", "per GPU: the budget*"])
+                                 "rank0*← worst training GPU", "rank1+*",
+                                 "per GPU, each role against its own budget*"])
 
 
 def test_ini_accelerate_config_launches_every_setup(pytester):

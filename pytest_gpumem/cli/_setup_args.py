@@ -15,6 +15,7 @@ from ..errors import GpuMemError
 from ..report.text import breakdown_table, roles_table
 from ..spec import ATTN_IMPLEMENTATIONS, DTYPES, LOGITS_MODES, OPTIMIZERS, VLLM_MODES, GRPOSetup
 from ..units import format_gib
+from ..vllm_layout import role_gpu_counts
 
 GPU_HELP = "card name (L4, A100-80GB, H100, ...; `gpumem gpus` lists them) or size (24GiB, 80GB)"
 #: The setup table: every setup key with its own flag — (key, kind, allowed values or None, meaning). The flags,
@@ -58,6 +59,11 @@ SETUP_FLAGS: tuple[tuple[str, str, tuple | None, str], ...] = (
     ("allgather_bucket_size", "int", None, "DeepSpeed all-gather bucket, elements (ZeRO-1/2)"),
     ("stage3_prefetch_bucket_size", "int", None, "DeepSpeed ZeRO-3 prefetch bucket, elements"),
     ("overlap_comm", "bool", None, "DeepSpeed: overlap gradient reduction with the backward"),
+    ("vllm_tensor_parallel_size", "int", None, "colocate: training ranks per vLLM tensor-parallel shard"),
+    ("vllm_server_tensor_parallel_size", "int", None, "server: trl vllm-serve --tensor-parallel-size"),
+    ("vllm_server_data_parallel_size", "int", None, "server: trl vllm-serve --data-parallel-size"),
+    ("vllm_server_gpu", "str", None, "server: its card (" + GPU_HELP + ")"),
+    ("vllm_server_gpu_memory_utilization", "float", None, "server: trl vllm-serve --gpu-memory-utilization"),
 )
 #: defaults that are not a backend's plain value
 _DEFAULT_WORDS = {"model": "required", "trl_version": "the installed trl, else 1.16.0",
@@ -66,7 +72,11 @@ _DEFAULT_WORDS = {"model": "required", "trl_version": "the installed trl, else 1
                   "world_size": "1", "num_machines": "1", "distributed": "none, or ddp when world_size > 1",
                   "offload_optimizer": "false", "offload_params": "false", "reshard_after_forward": "true",
                   "fsdp_wrap": "transformer_layer", "reduce_bucket_size": "5e8", "allgather_bucket_size": "5e8",
-                  "stage3_prefetch_bucket_size": "5e7", "overlap_comm": "true for zero3, else false"}
+                  "stage3_prefetch_bucket_size": "5e7", "overlap_comm": "true for zero3, else false",
+                  # the generation layout's (pytest_gpumem.vllm_layout)
+                  "vllm_tensor_parallel_size": "1", "vllm_server_tensor_parallel_size": "1",
+                  "vllm_server_data_parallel_size": "1", "vllm_server_gpu": "the training GPUs' card",
+                  "vllm_server_gpu_memory_utilization": "0.9"}
 
 
 def _default_text(name: str) -> str:
@@ -186,7 +196,9 @@ def print_result(result, as_json: bool, header: str, details: list[str], verdict
         print(breakdown_table(result.breakdown, total_bytes=result.total_bytes))
         if result.breakdown.roles:
             print()
-            print(roles_table(result.breakdown, total_bytes=result.total_bytes))
+            totals = result.role_totals() if hasattr(result, "role_totals") else {}
+            print(roles_table(result.breakdown, total_bytes=result.total_bytes, budgets=totals,
+                              gpus=role_gpu_counts(result.setup)))
         for line in details:
             print(line)
         if result.gpu and show_verdict:

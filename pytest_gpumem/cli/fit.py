@@ -90,6 +90,11 @@ def _run_gpus(args: argparse.Namespace, setup: Any) -> int:
     chosen = found.chosen
     print(f"launch: {chosen.label} on {args.gpus} GPUs — per-GPU peak {format_gib(chosen.result.peak_bytes)} "
           f"({chosen.result.best.estimate.breakdown.worst_role}, {chosen.result.best.estimate.peak_phase} phase)")
+    roles = chosen.gpus_per_role
+    print("GPUs per role: " + ", ".join(f"{role} {count}" for role, count in roles.items()))
+    breakdown = chosen.result.best.estimate.breakdown
+    if "vllm_server" in breakdown.roles:
+        print(f"  vllm_server per-GPU peak {format_gib(breakdown.role('vllm_server').peak_bytes)}")
     changes = launch_changes(found.input_setup, chosen.setup) + chosen.result.changes()
     for change in changes:
         print(f"  {change['field']}: {_fmt(change['from'])} → {_fmt(change['to'])}")

@@ -62,6 +62,24 @@ def check_peak_within_budget(record: Mapping[str, Any], spec: BudgetSpec | None 
             + (f": {parts}" if parts else ""))
 
 
+def check_roles_within_budget(record: Mapping[str, Any], spec: BudgetSpec | None = None) -> str | None:
+    """Each GPU role that is not a training rank (a vLLM server GPU) must stay under its own budget; its peak is
+    the prediction (the measured run is the trainer's process only)."""
+    roles = ((record.get("predicted") or {}).get("roles")) or {}
+    failures = []
+    for role, budget in (record.get("role_budgets") or {}).items():
+        predicted = roles.get(role)
+        if not predicted or predicted["peak_bytes"] <= budget["budget_bytes"]:
+            continue
+        phase = predicted.get("peak_phase")
+        top = sorted(predicted["phases"].get(phase, {}).items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        parts = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in top)
+        failures.append(f"{role}: predicted peak {format_gib(predicted['peak_bytes'])} in the "
+                        f"{PHASE_WORDS.get(phase, phase)} exceeds its {budget['budget_text']} budget by "
+                        f"{format_gib(predicted['peak_bytes'] - budget['budget_bytes'])}: {parts}")
+    return "\n".join(failures) or None
+
+
 def check_vllm_can_start(record: Mapping[str, Any], spec: BudgetSpec | None = None) -> str | None:
     """A colocated vLLM that would refuse to start fails the test even when the peak would fit."""
     if record.get("measured") and (record["measured"].get("breakdown") or record["measured"].get("run")):
@@ -95,4 +113,5 @@ def check_prediction_matches_measurement(record: Mapping[str, Any], spec: Budget
 
 #: the checks run on every budgeted test, in order; the plugin's Manager copies this list (add yours there)
 DEFAULT_CHECKS: tuple[Callable[..., str | None], ...] = (
-    check_run_completed, check_vllm_can_start, check_peak_within_budget, check_prediction_matches_measurement)
+    check_run_completed, check_vllm_can_start, check_peak_within_budget, check_roles_within_budget,
+    check_prediction_matches_measurement)

@@ -9,16 +9,19 @@ re-estimated.
 
 from __future__ import annotations
 
+import re
 import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..breakdown import Role
 from ..errors import GpuMemError
 from ..gpus import GPU, resolve_gpu
 from ..measure.oom_message import OomMessage, PhaseGuess, parse, parse_oom
 from ..predict.analytic import estimate
 from ..spec import GRPOSetup
 from ..units import format_gib
+from .generation_levers import server_levers
 from .levers import Lever, no_lever_text, rank_levers
 
 
@@ -118,15 +121,20 @@ class Diagnosis:
     tensor: Mapping[str, Any] | None = None
     levers: tuple[Lever, ...] = ()
     notes: tuple[str, ...] = ()
+    #: the role of the GPU that ran out (rank0, rank1+, vllm_server) and what in the log says so
+    role: str | None = None
+    role_evidence: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = self.message.to_dict()
         data["phase"] = self.phase.phase
         data["phase_evidence"] = self.phase.evidence
         data["phase_detail"] = self.phase.detail
+        data["role"] = self.role
+        data["role_evidence"] = self.role_evidence
         if self.estimate is not None:
             phase = self.predicted_phase
-            breakdown = self.estimate.breakdown
+            breakdown = self._role_breakdown()
             data["predicted"] = {
                 "phase": phase, "phase_bytes": breakdown.total(phase) if phase else None,
                 "components": breakdown.components(phase) if phase else {},
@@ -140,6 +148,10 @@ class Diagnosis:
             data["levers"] = [lever.to_dict() for lever in self.levers]
         data["notes"] = list(self.notes)
         return data
+
+    def _role_breakdown(self) -> Any:
+        breakdown = self.estimate.breakdown
+        return breakdown.role(self.role) if self.role in breakdown.roles else breakdown
 
     def render(self) -> str:
         """The human-readable explanation (what ``gpumem explain`` prints)."""
@@ -164,10 +176,14 @@ class Diagnosis:
         phase = self.phase
         lines.append(f"phase: {phase.phase or 'unknown'}" + (f" ({phase.detail})" if phase.detail else "")
                      + f" — {phase.evidence}")
+        if self.role:
+            lines.append(f"role: {self.role} — {self.role_evidence}")
         if self.estimate is not None:
-            est, ph = self.estimate, self.predicted_phase
-            top = ", ".join(f"{name} {format_gib(num)}" for name, num in est.breakdown.top_components(ph, n=5))
-            lines.append(f"predicted {ph} phase: {format_gib(est.breakdown.total(ph))} ({top})")
+            ph = self.predicted_phase
+            shown = self._role_breakdown()
+            top = ", ".join(f"{name} {format_gib(num)}" for name, num in shown.top_components(ph, n=5))
+            lines.append(f"predicted {ph} phase{f' of {self.role}' if self.role else ''}: "
+                         f"{format_gib(shown.total(ph))} ({top})")
             if self.tensor:
                 lines.append(f"the failed allocation is most likely {self.tensor['text']}")
             elif v.get("requested_bytes") and m.source == "torch":
@@ -176,7 +192,7 @@ class Diagnosis:
                 lines.append("levers (re-estimated, largest saving first):")
                 lines.extend(f"  {i}. {lever.line()}" for i, lever in enumerate(self.levers, 1))
             else:
-                lines.append(no_lever_text(est.peak_bytes))
+                lines.append(no_lever_text(shown.peak_bytes))
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
@@ -184,7 +200,7 @@ class Diagnosis:
     def short(self, n: int = 3) -> str:
         """A few lines for a failing test: shortfall, the tensor, the top ``n`` levers."""
         m = self.message
-        head = f"{m.kind.replace('_', ' ')}"
+        head = f"{m.kind.replace('_', ' ')}" + (f" on {self.role}" if self.role else "")
         if m.shortfall_bytes is not None:
             head += f": short by {format_gib(m.shortfall_bytes)}"
         if self.phase.phase:
@@ -213,25 +229,75 @@ def diagnose(text: str, setup: Any = None, gpu: Any = None, *, headroom: float =
                           "vLLM's start-up refusals)",
                           fix="pass the error message itself, its traceback, or the whole log that contains it")
     notes = _message_notes(message)
+    source, evidence = log_source(text)
     if setup is None:
-        return Diagnosis(message, phase, notes=tuple(notes))
+        role = Role.VLLM_SERVER.value if source == "vllm_process" else source
+        return Diagnosis(message, phase, notes=tuple(notes), role=role, role_evidence=evidence)
     setup = GRPOSetup.coerce(setup)
     gpu = resolve_gpu(gpu)
-    if gpu is None and message.values.get("total_bytes"):
+    role, evidence = _role(setup, source, evidence, message)
+    if message.values.get("total_bytes"):
         total = message.values["total_bytes"] - message.others_bytes
-        gpu = GPU("GPU of the message" + (" less other processes" if message.others_bytes else ""), total,
-                  "oom-message")
+        if role == Role.VLLM_SERVER.value:
+            # the log is the server's: its card is the one the message prints
+            setup = setup.replace(vllm_server_gpu=total)
+            notes.append(f"the vLLM server's card taken from the message: {format_gib(total)}")
+        elif gpu is None:
+            gpu = GPU("GPU of the message" + (" less other processes" if message.others_bytes else ""), total,
+                      "oom-message")
+    if role == Role.VLLM_SERVER.value and message.kind == "vllm_free_memory":
+        notes.append(f"on the server the utilisation is trl vllm-serve's --gpu-memory-utilization "
+                     f"(vllm_server_gpu_memory_utilization={setup.vllm_server_gpu_memory_utilization}); its GPUs must "
+                     "be free of other processes (a trainer rank placed on them?)")
     result = estimate(setup, gpu)
-    predicted = phase.phase if phase.phase in result.breakdown.phases else None
+    shown = result.breakdown.role(role) if role in result.breakdown.roles else result.breakdown
+    predicted = phase.phase if phase.phase in shown.phases else None
     if predicted is None:
-        predicted = _PERSISTENT_PHASE if phase.phase == "vllm_startup" else result.peak_phase
+        predicted = _PERSISTENT_PHASE if phase.phase == "vllm_startup" else shown.peak_phase
         if phase.phase is None:
             notes.append(f"the traceback does not tell the phase: showing the predicted peak phase ({predicted})")
     # a vLLM refusal's "request" is its whole reservation (util × total), not one tensor
     tensor = None if message.source == "vllm" else match_tensor(message.values.get("requested_bytes"), result.setup)
-    levers = rank_levers(result, gpu, headroom=headroom, phase=predicted)
-    notes.extend(_setup_notes(message, result, gpu))
-    return Diagnosis(message, phase, result, predicted, tensor, tuple(levers), tuple(notes))
+    if role == Role.VLLM_SERVER.value:
+        levers = server_levers(result, gpu, headroom=headroom)
+    else:
+        levers = rank_levers(result, gpu, headroom=headroom, phase=predicted)
+    notes.extend(_setup_notes(message, result, gpu, shown))
+    return Diagnosis(message, phase, result, predicted, tensor, tuple(levers), tuple(notes), role, evidence)
+
+
+#: a vLLM process's log prefix (V1's engine core, its workers, the API server) and torchrun's rank prefix
+_VLLM_PROCESS = re.compile(r"\(((?:EngineCore|VllmWorker|Worker_TP|Worker_DP|Worker|APIServer)\w*)(?: rank=(\d+))?"
+                           r" pid=\d+\)")
+_TORCHRUN_RANK = re.compile(r"\[rank(\d+)\]:")
+
+
+def log_source(text: str) -> tuple[str | None, str | None]:
+    """Who wrote the log: ``"vllm_process"`` (a vLLM engine/worker/API-server prefix), ``"rank0"`` / ``"rank1+"``
+    (torchrun's ``[rankN]:``), or None — and the prefix that says so."""
+    match = _VLLM_PROCESS.search(text)
+    if match:
+        return "vllm_process", f"the log lines carry a vLLM process prefix ({match.group(0)})"
+    match = _TORCHRUN_RANK.search(text)
+    if match:
+        rank = int(match.group(1))
+        return ("rank0" if rank == 0 else "rank1+"), f"the log lines carry torchrun's prefix [rank{rank}]:"
+    return None, None
+
+
+def _role(setup: Any, source: str | None, evidence: str | None, message: OomMessage) -> tuple[str | None, str | None]:
+    """The role that ran out, given the setup: a vLLM process or a vLLM refusal is the server in server mode
+    (colocated vLLM runs inside a training rank: then the rank, rank 0 when the log does not say)."""
+    server = setup.use_vllm and setup.vllm_mode == "server"
+    vllm_side = source == "vllm_process" or message.source == "vllm"
+    if server and vllm_side:
+        why = evidence if source == "vllm_process" else f"a vLLM refusal ({message.kind}) in server mode"
+        return Role.VLLM_SERVER.value, why
+    if source in ("rank0", "rank1+"):
+        return source, evidence
+    if setup.is_distributed or server:
+        return Role.RANK0.value, "no rank prefix in the log: assumed training rank 0"
+    return None, None
 
 
 _PERSISTENT_PHASE = "persistent"
@@ -306,14 +372,16 @@ def _message_notes(message: OomMessage) -> list[str]:
     return notes
 
 
-def _setup_notes(message: OomMessage, result: Any, gpu: Any) -> list[str]:
+def _setup_notes(message: OomMessage, result: Any, gpu: Any, shown: Any = None) -> list[str]:
+    """``shown``: the breakdown of the role that ran out (default: the estimate's)."""
     notes = []
+    shown = shown if shown is not None else result.breakdown
     v = message.values
     if v.get("requested_bytes") is not None and v.get("torch_allocated_bytes") is not None:
         observed = v["torch_allocated_bytes"] + (v.get("torch_reserved_unallocated_bytes") or 0) \
             + (message.non_torch_bytes or 0) + v["requested_bytes"]
         notes.append(f"observed need ≥ {format_gib(observed)} (what the process held + the request) vs predicted "
-                     f"peak {format_gib(result.peak_bytes)} in the {result.peak_phase} phase")
+                     f"peak {format_gib(shown.peak_bytes)} in the {shown.peak_phase} phase")
     for warning in result.warnings:
         notes.append(warning)
     if gpu is not None and result.fits():

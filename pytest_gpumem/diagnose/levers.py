@@ -16,7 +16,7 @@ from ..gpus import resolve_gpu
 from ..predict.analytic import Estimate, estimate
 from ..predict.analytic.constants import CUDA_CONTEXT_BYTES
 from ..units import format_gib
-from .strategy_levers import strategy_candidates
+from .strategy_levers import generation_candidates, strategy_candidates
 
 #: 8-bit optimizers (bitsandbytes) and optimizers without Adam moments: the 8-bit lever does not apply
 _EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_bnb_8bit")
@@ -177,6 +177,7 @@ def lever_candidates(setup: Any, total_bytes: int | None = None) -> list[tuple[s
         out.append(("generate with transformers, not vLLM", {"use_vllm": False},
                     "HF generate: several times slower rollouts"))
     out += strategy_candidates(s)
+    out += generation_candidates(s)
     return out
 
 

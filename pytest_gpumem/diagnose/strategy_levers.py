@@ -13,6 +13,9 @@ from ..distributed import DEFAULT_PREFETCH_BUCKET_ELEMENTS, DEFAULT_REDUCE_BUCKE
 #: a DeepSpeed bucket lever divides by this (5e8 → 5e7 elements, the size DeepSpeed's own tuning guide tries
 #: first for memory); the prefetch bucket likewise from 5e7
 BUCKET_DIVISOR = 10
+#: tensor-parallel sizes worth proposing: vLLM's custom all-reduce supports 2, 4, 6, 8 ranks; beyond one node's 8
+#: GPUs TP crosses the network
+MAX_TENSOR_PARALLEL = 8
 
 
 def strategy_candidates(s: Any) -> list[tuple[str, dict[str, Any], str]]:
@@ -62,4 +65,15 @@ def strategy_candidates(s: Any) -> list[tuple[str, dict[str, Any], str]]:
     if s.distributed not in ("ddp",):
         out.append(("twice the GPUs", {"world_size": 2 * n},
                     f"needs {2 * n} GPUs; every shard halves (activations and generation do not)"))
+    return out
+
+
+def generation_candidates(s: Any) -> list[tuple[str, dict[str, Any], str]]:
+    """Training-GPU levers: a colocated TP group twice as wide (each rank holds half the vLLM weights)."""
+    out: list[tuple[str, dict[str, Any], str]] = []
+    tp = s.vllm_tensor_parallel_size
+    if s.use_vllm and s.vllm_mode == "colocate" and s.world_size % (2 * tp) == 0 and 2 * tp <= MAX_TENSOR_PARALLEL:
+        out.append(("colocated vLLM tensor parallel ×2", {"vllm_tensor_parallel_size": 2 * tp},
+                    f"each vLLM shard spans {2 * tp} training ranks: its weights halve, an all-reduce per layer "
+                    "and every rank decodes the whole group's prompts"))
     return out

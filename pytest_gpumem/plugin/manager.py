@@ -17,7 +17,15 @@ from typing import Any, Callable
 
 import pytest
 
-from ..compare.checks import DEFAULT_CHECKS, check_peak_within_budget, check_run_completed, check_vllm_can_start
+from ..breakdown import Role
+from ..compare.checks import (
+    DEFAULT_CHECKS,
+    check_peak_within_budget,
+    check_roles_within_budget,
+    check_run_completed,
+    check_vllm_can_start,
+)
+from ..diagnose.generation_levers import server_levers
 from ..diagnose.levers import levers_for, no_lever_text
 from ..measure import device
 from ..predict.analytic import estimate
@@ -80,10 +88,18 @@ def _simulated_whole_step(setup: Any, predicted_estimate: Any, predicted: dict) 
                    + " (simulate)")
     else:
         largest = (predicted["largest_allocation_bytes"], f"{predicted['largest_allocation_name']} (estimate)")
-    return {**whole.to_dict(), "simulated_peak_bytes": simulated.peak_bytes,
+    data = {**whole.to_dict(), "simulated_peak_bytes": simulated.peak_bytes,
             "assumptions": [origin_note(whole, simulated), *predicted["assumptions"]],
             "warnings": predicted["warnings"], "largest_allocation_bytes": largest[0],
             "largest_allocation_name": largest[1]}
+    # a vLLM server's GPUs run no training step to simulate: their role stays the estimate's, judged as such
+    server = predicted.get("roles", {}).get(Role.VLLM_SERVER.value)
+    if server is not None:
+        roles = data.get("roles") or {Role.RANK0.value: {key: data[key] for key in ("phases", "peak_phase",
+                                                                                    "peak_bytes")}}
+        data["roles"] = {**roles, Role.VLLM_SERVER.value: server}
+        data.setdefault("worst_role", Role.RANK0.value)
+    return data
 
 
 def _tracker_reason(state: TestState) -> str:
@@ -187,7 +203,8 @@ class Manager:
         if state.failures:
             record["reason"] = state.failures[0]  # the whole failure text once the levers are known (below)
             # levers answer "too big", not "the prediction was off"
-            if any(check(record, state.spec) for check in (check_peak_within_budget, check_vllm_can_start,
+            if any(check(record, state.spec) for check in (check_peak_within_budget, check_roles_within_budget,
+                                                            check_vllm_can_start,
                                                             check_run_completed)):
                 state.levers = self._levers(state)
                 state.wants_levers = True
@@ -247,6 +264,9 @@ class Manager:
             "predicted": step.predicted if step is not None else None, "measured": measured,
             "baseline": None, "gpu": gpu, "verdict": None, "reason": None,
         }
+        if spec is not None and spec.role_budgets:  # only a job with a vLLM server: other records are unchanged
+            record["role_budgets"] = {role: {"budget_bytes": num_bytes, "budget_text": text}
+                                      for role, (num_bytes, text) in spec.role_budgets}
         state.record = record
         return record
 
@@ -256,6 +276,10 @@ class Manager:
         if step is None:
             return []
         try:
+            record = state.record or {}
+            if check_roles_within_budget(record, state.spec) and not check_peak_within_budget(record, state.spec):
+                # only a vLLM server GPU is over: its own levers, judged on its card
+                return [lever.line() for lever in server_levers(step.estimate)[:3]]
             levers = levers_for(step.estimate, budget_bytes=state.spec.budget_bytes, n=3)
             return [lever.line() for lever in levers]
         except Exception as exc:  # noqa: BLE001 - advice must never hide the failure it explains

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..breakdown import Role
 from ..distributed import STRATEGY_FIELDS
 from ..errors import GpuMemError, MarkerError
 from ..gpus import GPU, resolve_gpu
@@ -28,7 +29,11 @@ SIZE_UNITS: dict[str, tuple[str, int]] = {name.lower(): (name, UNIT_BYTES[name.l
                                           for name in ("GB", "GiB", "MB", "MiB")}
 SIZE_KEYWORDS: dict[str, int] = {keyword: num_bytes for keyword, (_, num_bytes) in SIZE_UNITS.items()}
 OTHER_KEYWORDS = ("setup", "tolerance", "gpu", "baseline_tolerance")
-ALL_KEYWORDS = tuple(SIZE_KEYWORDS) + ("size",) + OTHER_KEYWORDS
+#: a budget per role beside the training GPUs' (gb= & co.): ``vllm_gb=80`` budgets each GPU of the setup's
+#: `trl vllm-serve` server (the vllm_server role); prefix -> role
+ROLE_PREFIXES = {"vllm_": Role.VLLM_SERVER.value}
+ROLE_KEYWORDS = tuple(f"{prefix}{unit}" for prefix in ROLE_PREFIXES for unit in (*SIZE_KEYWORDS, "size"))
+ALL_KEYWORDS = tuple(SIZE_KEYWORDS) + ("size",) + OTHER_KEYWORDS + ROLE_KEYWORDS
 
 ACCEPTED_BUDGET_FORMS = ("exactly one of gb=17 (10^9 bytes), gib=20 (2^30 bytes), mb=1500, mib=512 or "
                          "size='17 GiB' (GB/GiB/MB/MiB, case-insensitive); or only gpu='L4' (that card's memory)")
@@ -37,7 +42,9 @@ MARKER_HELP = (f"{MARKER}(gb=|gib=|mb=|mib=|size='17 GiB', setup=None, tolerance
                "budget (with only gpu= given: that card's memory). setup: a GRPOSetup, dict or path to a "
                ".json/.toml setup file; tolerance: allowed prediction-vs-measurement gap (0.10 or '10%'); "
                "gpu: card to judge against ('L4', '24GiB'); "
-               "baseline_tolerance: allowed growth over the saved baseline ('5%+256MiB').")
+               "baseline_tolerance: allowed growth over the saved baseline ('5%+256MiB'); "
+               "vllm_gb=|vllm_gib=|vllm_size=...: the budget of each vLLM server GPU (setup with vllm_mode='server'; "
+               "default: vllm_server_gpu's memory, else the training GPUs' budget).")
 
 #: the largest budget we accept: anything above is a typo (1 PB)
 MAX_BUDGET_BYTES = 10**15
@@ -117,6 +124,46 @@ def parse_budget(args: tuple, kwargs: Mapping[str, Any]) -> tuple[int, str] | No
     else:
         num_bytes, unit = parse_size_number(kwargs[key], key), key
     return num_bytes, budget_text(num_bytes, unit)
+
+
+def parse_role_budgets(kwargs: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
+    """``vllm_gb=80`` & co. → {role: (bytes, text)}: the same forms as the training budget, prefixed."""
+    budgets = {}
+    for prefix, role in ROLE_PREFIXES.items():
+        given = {key[len(prefix):]: value for key, value in kwargs.items() if key.startswith(prefix)
+                 and key in ROLE_KEYWORDS}
+        if not given:
+            continue
+        if len(given) > 1:
+            listed = ", ".join(f"{prefix}{key}={value!r}" for key, value in given.items())
+            raise MarkerError(f"{prefix}{list(given)[1]}", f"the {role} budget is given more than once ({listed})",
+                              fix=f"keep one of {prefix}gb=, {prefix}gib=, {prefix}mb=, {prefix}mib=, {prefix}size=")
+        key, value = next(iter(given.items()))
+        try:
+            budget = parse_budget((), {key: value})
+        except MarkerError as exc:
+            raise MarkerError(f"{prefix}{key}", exc.problem, fix=exc.fix) from None
+        budgets[role] = budget
+    return budgets
+
+
+def role_budgets_for(setup: GRPOSetup | None, given: Mapping[str, tuple[int, str]],
+                     budget: tuple[int, str]) -> dict[str, tuple[int, str]]:
+    """Every non-training GPU role of the setup with its budget: the marker's ``vllm_gb=``, else the server's
+    card (``vllm_server_gpu``), else the training GPUs' budget (the same cards)."""
+    server = setup is not None and setup.use_vllm and setup.vllm_mode == "server"
+    for role in given:
+        if role == Role.VLLM_SERVER.value and not server:
+            key = next(k for k, r in ROLE_PREFIXES.items() if r == role)
+            raise MarkerError(f"{key}gb", "budgets a vLLM server GPU, but the setup runs no server "
+                              "(vllm_mode='server' with use_vllm=true)",
+                              fix="drop the vllm_ budget, or give a setup with use_vllm=True, vllm_mode='server'")
+    budgets = dict(given)
+    if server and Role.VLLM_SERVER.value not in budgets:
+        card = resolve_gpu(setup.vllm_server_gpu) if setup.vllm_server_gpu is not None else None
+        budgets[Role.VLLM_SERVER.value] = ((card.total_bytes, budget_text(card.total_bytes, "gib") + f" ({card.name})")
+                                           if card is not None else budget)
+    return budgets
 
 
 def parse_tolerance(value: Any, field: str = "tolerance") -> Tolerance:
@@ -200,11 +247,14 @@ def spec_from_marker(args: tuple, kwargs: Mapping[str, Any], defaults: Defaults 
                               fix=f"give {ACCEPTED_BUDGET_FORMS}, or set "
                                   "gpu_budget_default = '24 GiB' in [tool.pytest.ini_options]")
         budget, origin = (defaults.budget_bytes, defaults.budget_text or budget_text(defaults.budget_bytes)), "default"
+    given_roles = parse_role_budgets(kwargs)
     setup = parse_setup(kwargs["setup"], base_dirs) if kwargs.get("setup") is not None else None
     if setup is not None and defaults.setup_keys:
         setup = with_suite_keys(setup, dict(defaults.setup_keys))
+    roles = role_budgets_for(setup, given_roles, budget)
     return BudgetSpec(budget_bytes=budget[0], budget_text=budget[1], setup=setup, tolerance=tolerance, gpu=gpu,
-                      budget_origin=origin, baseline_tolerance=baseline_tolerance)
+                      budget_origin=origin, baseline_tolerance=baseline_tolerance,
+                      role_budgets=tuple(sorted(roles.items())))
 
 
 def default_spec(defaults: Defaults) -> BudgetSpec:

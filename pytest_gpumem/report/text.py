@@ -4,11 +4,12 @@ session summary table and a test's section — all through one table renderer, :
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from ..breakdown import HOST_ROLES, Breakdown, Phase
+from ..breakdown import HOST_ROLES, TRAINER_ROLES, Breakdown, Phase
 from ..record import judged_peak
 from ..units import format_gib
+from ..vllm_layout import role_gpu_counts
 
 
 def columns(rows: Sequence[Sequence[str]], right: Callable[[int], bool]) -> list[str]:
@@ -45,24 +46,32 @@ def breakdown_table(breakdown: Breakdown, *, total_bytes: int | None = None) -> 
 
 
 ROLE_WORDS = {"rank0": "training rank 0", "rank1+": "the other training ranks (worst of them)",
-              "host": "host memory of one machine (offloaded)"}
+              "host": "host memory of one machine (offloaded)", "vllm_server": "each GPU of the vLLM server"}
 
 
-def roles_table(breakdown: Breakdown, *, total_bytes: int | None = None) -> str:
-    """One row per role of a multi-GPU breakdown: its peak and phase, the worst training GPU marked; "" for one
-    GPU."""
+def roles_table(breakdown: Breakdown, *, total_bytes: int | None = None, budgets: Mapping[str, int] | None = None,
+                gpus: Mapping[str, int] | None = None) -> str:
+    """One row per role of a multi-GPU breakdown: GPUs, peak and phase, the role's own budget and headroom (the
+    training ranks': ``total_bytes``; others': ``budgets[role]``), the worst training GPU marked; "" for one role."""
     if len(breakdown.roles) <= 1:
         return ""
-    rows = [("role", "peak", "phase", "top components", "")]
+    budgets, gpus = dict(budgets or {}), dict(gpus or {})
+    judged = any(budgets.values()) or bool(total_bytes)
+    header = ("role", "GPUs", "peak", "phase") + (("budget", "headroom") if judged else ()) + ("top components", "")
+    rows = [header]
     for name in breakdown.role_names():
         one = breakdown.role(name)
         top = ", ".join(f"{c} {format_gib(b)}" for c, b in one.top_components(n=3))
-        mark = "← worst GPU" if name == breakdown.worst_role else ("CPU" if name in HOST_ROLES else "")
-        rows.append((name, format_gib(one.peak_bytes), str(one.peak_phase), top, mark))
-    lines = columns(rows, right=lambda column: column == 1)
+        mark = "← worst training GPU" if name == breakdown.worst_role else ("CPU" if name in HOST_ROLES else "")
+        row = (name, str(gpus.get(name, "")), format_gib(one.peak_bytes), str(one.peak_phase))
+        if judged:
+            limit = budgets.get(name, total_bytes if name in TRAINER_ROLES else None)
+            row += (format_gib(limit), format_gib(limit - one.peak_bytes)) if limit else ("-", "-")
+        rows.append(row + (top, mark))
+    lines = columns(rows, right=lambda column: column in (1, 2) or (judged and column in (4, 5)))
     words = "; ".join(f"{name}: {ROLE_WORDS.get(name, name)}" for name in breakdown.role_names())
-    lines.append(f"per GPU: the budget{' and the card' if total_bytes else ''} apply to the worst training GPU "
-                 f"({breakdown.worst_role}); {words}")
+    lines.append(f"per GPU, each role against its own budget (training ranks: the worst, {breakdown.worst_role}); "
+                 f"{words}")
     return "\n".join(lines)
 
 
@@ -243,7 +252,9 @@ def test_section(record: dict) -> str:
         lines.append(breakdown_table(breakdown, total_bytes=record.get("budget_bytes")))
         if breakdown.roles:
             lines.append("")
-            lines.append(roles_table(breakdown, total_bytes=record.get("budget_bytes")))
+            budgets = {role: b["budget_bytes"] for role, b in (record.get("role_budgets") or {}).items()}
+            lines.append(roles_table(breakdown, total_bytes=record.get("budget_bytes"), budgets=budgets,
+                                     gpus=role_gpu_counts(record.get("setup") or {})))
     measured = record.get("measured")
     if measured:
         lines.append("")
