@@ -523,7 +523,7 @@ def test_examples_run_on_cpu_with_one_command(pytester):
 
     shutil.copytree(Path(__file__).parent.parent / "examples", pytester.path / "examples")
     result = pytester.runpytest("examples", "--gpu-budget", *FAST)
-    result.assert_outcomes(passed=12, xfailed=2)
+    result.assert_outcomes(passed=13, xfailed=2)
     result.stdout.fnmatch_lines([
         "gpumem: mode=estimate (auto: no CUDA device, so estimate)*",
         "*= gpu budget (estimate) =*",
@@ -536,7 +536,7 @@ def test_examples_run_on_cpu_with_one_command(pytester):
         "      1. *",
     ])
     # without --gpu-budget the same suite is inert: the expected failures pass (non-strict xfail)
-    pytester.runpytest("examples", *FAST).assert_outcomes(passed=12, xpassed=2)
+    pytester.runpytest("examples", *FAST).assert_outcomes(passed=13, xpassed=2)
 
 
 def test_grpo_step_with_a_bad_setup_is_the_markers_clean_error(pytester):
