@@ -75,3 +75,16 @@ def test_cli_plan_runs_without_a_gpu():
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "one per component family first" in result.stdout and "total expected" in result.stdout
+
+
+def test_without_a_gpu_the_error_says_how_to_plan_for_a_named_card(monkeypatch):
+    # a CPU machine asking for the plan must learn that --gpu NAME makes --plan work here
+    import pytest
+
+    from pytest_gpumem.compare import validation
+    from pytest_gpumem.errors import GpuMemError
+
+    monkeypatch.setattr(validation, "nvml_handle", lambda index: (None, None, "NVML library not found"))
+    with pytest.raises(GpuMemError) as raised:
+        validation.gpu_at_hand()
+    assert "--gpu H200 --plan" in str(raised.value) and "NVML library not found" in str(raised.value)

@@ -151,7 +151,8 @@ def gpu_at_hand() -> dict[str, Any]:
     handle, _how, reason = nvml_handle(0)
     if handle is None:
         raise GpuMemError("gpu", f"no GPU to validate on: {reason}",
-                          fix="run on a machine with an NVIDIA GPU, or pass --gpu SIZE --list to see the matrix")
+                          fix="run on a machine with an NVIDIA GPU, or name the card to plan for it here: "
+                              "--gpu H200 --plan (or --list)")
     module, _ = nvml()
     name = module.nvmlDeviceGetName(handle)
     name = name.decode() if isinstance(name, bytes) else str(name)
