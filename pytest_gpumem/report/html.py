@@ -16,7 +16,21 @@ from typing import Any, Mapping, Sequence
 from ..breakdown import PHASE_ORDER, Breakdown, Component
 from ..record import measured_peak
 from ..units import GIB, format_gib
-from .cells import baseline_of, breakdown_of, budget_cell, context, counts, delta_text, gib_or_dash, predicted_peak
+from .cells import (
+    RoleRow,
+    baseline_of,
+    breakdown_of,
+    budget_cell,
+    context,
+    counts,
+    delta_text,
+    gib_or_dash,
+    origin_label,
+    origin_rows,
+    predicted_peak,
+    record_role_rows,
+    signed_or_dash,
+)
 
 #: plain-text arrows for the HTML: a CI browser or an offline laptop may lack an emoji font
 HTML_BASELINE_SYMBOLS = {"grew": "▲", "shrank": "▼", "same": "", "missing": ""}
@@ -87,6 +101,11 @@ pre{background:#f6f8fa;padding:8px;white-space:pre-wrap;font-size:12px;margin:6p
 a{color:inherit}
 small{color:#59636e}
 """
+#: added only when a report has a multi-GPU or simulate-mode test: a one-GPU estimate report stays as it was
+_ROLES_CSS = """h4{font-size:12px;margin:8px 0 4px}
+table.roles,table.origins{width:auto;margin:4px 0;font-size:12px}
+i.swatch{display:inline-block;width:10px;height:10px;margin-right:4px;border:1px solid #0002}
+"""
 
 _OVERVIEW_WIDTH, _OVERVIEW_HEIGHT = 300, 16
 _DETAIL_LABEL_WIDTH, _DETAIL_PLOT_WIDTH, _DETAIL_ROW_HEIGHT = 130, 760, 16
@@ -104,8 +123,10 @@ def _scale_max(result: Mapping[str, Any], *breakdowns: Breakdown | None) -> int:
 
 
 def _stacked_rects(components: Mapping[str, int], x0: float, y: float, height: float, px_per_byte: float,
-                   phase: str, css_class: str) -> list[str]:
-    """Largest component first (leftmost), so the same big parts line up across phases and tests."""
+                   phase: str, css_class: str, origins: Mapping[str, str] | None = None) -> list[str]:
+    """Largest component first (leftmost), so the same big parts line up across phases and tests; ``origins``
+    (simulate mode's whole step) adds "[estimate]" to the title of a part the estimate supplied."""
+    origins = origins or {}
     rects, x = [], x0
     for name, num_bytes in sorted(components.items(), key=lambda kv: (-kv[1], kv[0])):
         width = num_bytes * px_per_byte
@@ -113,7 +134,7 @@ def _stacked_rects(components: Mapping[str, int], x0: float, y: float, height: f
             continue
         rects.append(f'<rect class="{css_class}" x="{x:.2f}" y="{y:.2f}" width="{width:.2f}" height="{height:.2f}" '
                      f'fill="{component_colour(name)}"><title>{_attr(phase)} / {_attr(name)}: '
-                     f'{_attr(format_gib(num_bytes))}</title></rect>')
+                     f'{_attr(format_gib(num_bytes))}{_attr(origins.get(name, ""))}</title></rect>')
         x += width
     return rects
 
@@ -202,8 +223,9 @@ def detail_svg(result: Mapping[str, Any]) -> str:
         text = phase if len(drawn) == 1 else f"{phase} · {label[:4]}"
         parts.append(f'<text x="{_DETAIL_LABEL_WIDTH - 6}" y="{y + _DETAIL_ROW_HEIGHT - 4}" font-size="11" '
                      f'text-anchor="end" font-weight="{weight}" fill="#1f2328">{_attr(text)}</text>')
+        origins = {name: f" [{origin}]" for name, origin in breakdown.origins.get(phase, {}).items()}
         parts += _stacked_rects(breakdown.components(phase), _DETAIL_LABEL_WIDTH, y, _DETAIL_ROW_HEIGHT, px,
-                                f"{phase} ({label})", "segment")
+                                f"{phase} ({label})", "segment", origins)
         total = breakdown.total(phase)
         parts.append(f'<text x="{_DETAIL_LABEL_WIDTH + total * px + 4:.2f}" y="{y + _DETAIL_ROW_HEIGHT - 4}" '
                      f'font-size="10" fill="#59636e">{_attr(format_gib(total))}</text>')
@@ -211,6 +233,81 @@ def detail_svg(result: Mapping[str, Any]) -> str:
         parts += _markers(result, _DETAIL_LABEL_WIDTH, px, top, max(plot_bottom - gap, top + _DETAIL_ROW_HEIGHT))
     parts.append("</svg>")
     return "".join(parts)
+
+
+def roles_svg(rows: Sequence[RoleRow], breakdown: Breakdown) -> str:
+    """A bar per role (its peak phase, stacked) against that role's own budget line, on one scale."""
+    biggest = max((v or 0 for row in rows for v in (row.peak_bytes, row.budget_bytes, row.measured_bytes)), default=0)
+    scale = max(int(biggest * 1.06), 1)
+    px = _DETAIL_PLOT_WIDTH / scale
+    gap, top = 4, 6
+    height = top + len(rows) * (_DETAIL_ROW_HEIGHT + gap) + 4
+    parts = [f'<svg class="roles" width="{_DETAIL_LABEL_WIDTH + _DETAIL_PLOT_WIDTH + 20}" height="{height}" '
+             'role="img" aria-label="peak per role">']
+    for index, row in enumerate(rows):
+        y = top + index * (_DETAIL_ROW_HEIGHT + gap)
+        parts.append(f'<text x="{_DETAIL_LABEL_WIDTH - 6}" y="{y + _DETAIL_ROW_HEIGHT - 4}" font-size="11" '
+                     f'text-anchor="end" font-weight="{"600" if row.worst else "400"}" fill="#1f2328">'
+                     f'{_attr(row.role)}</text>')
+        parts += _stacked_rects(breakdown.role(row.role).components(row.peak_phase), _DETAIL_LABEL_WIDTH, y,
+                                _DETAIL_ROW_HEIGHT, px, f"{row.role} {row.peak_phase}", "segment")
+        parts.append(f'<text x="{_DETAIL_LABEL_WIDTH + row.peak_bytes * px + 4:.2f}" y="{y + _DETAIL_ROW_HEIGHT - 4}" '
+                     f'font-size="10" fill="#59636e">{_attr(format_gib(row.peak_bytes))}</text>')
+        if row.budget_bytes:
+            x = _DETAIL_LABEL_WIDTH + row.budget_bytes * px
+            parts.append(f'<line class="role-budget" x1="{x:.2f}" x2="{x:.2f}" y1="{y - 2}" '
+                         f'y2="{y + _DETAIL_ROW_HEIGHT + 2}" stroke="{BUDGET_COLOUR}" stroke-width="3" '
+                         f'stroke-dasharray="5,3"><title>{_attr(row.role)} budget '
+                         f'{_attr(row.budget_text or format_gib(row.budget_bytes))}</title></line>')
+        if row.measured_bytes is not None:
+            x = _DETAIL_LABEL_WIDTH + row.measured_bytes * px
+            parts.append(f'<line class="measured" x1="{x:.2f}" x2="{x:.2f}" y1="{y - 2}" '
+                         f'y2="{y + _DETAIL_ROW_HEIGHT + 2}" stroke="{MEASURED_COLOUR}" stroke-width="2.5"><title>'
+                         f'{_attr(row.role)} measured peak {_attr(format_gib(row.measured_bytes))}</title></line>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _roles_html(result: Mapping[str, Any]) -> str:
+    """A multi-GPU test's roles: the bars, then a row per role with its own budget and headroom; "" for one GPU."""
+    rows = record_role_rows(result)
+    if not rows:
+        return ""
+    out = ['<h4>Per role (per GPU, each against its own budget; the training ranks are judged on the worst)</h4>',
+           roles_svg(rows, breakdown_of(result.get("predicted"))),
+           '<table class="roles"><thead><tr><th>Role</th><th>GPUs</th><th>Budget</th><th>Predicted peak</th>'
+           "<th>Phase</th><th>Measured</th><th>Headroom</th><th>Largest components</th><th></th></tr></thead><tbody>"]
+    for row in rows:
+        over = row.over
+        top = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in row.top)
+        out.append(f'<tr class="role{" over" if over else ""}"><td>{_attr(row.role)}</td>'
+                   f'<td class="num">{_attr("—" if row.gpus is None else row.gpus)}</td>'
+                   f'<td class="num">{_attr(row.budget_text or gib_or_dash(row.budget_bytes))}</td>'
+                   f'<td class="num">{_attr(format_gib(row.peak_bytes))}</td><td>{_attr(row.peak_phase)}</td>'
+                   f'<td class="num">{_attr(gib_or_dash(row.measured_bytes))}</td>'
+                   f'<td class="num" style="color:{VERDICT_COLOURS["failed" if over else "passed"]}">'
+                   f'{_attr(signed_or_dash(row.headroom_bytes))}</td><td>{_attr(top)}</td>'
+                   f"<td>{_attr(row.note)}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _origins_html(result: Mapping[str, Any]) -> str:
+    """simulate mode's whole step: each component's origin (the simulation, or [estimate] for a part a simulation
+    cannot see); "" without origins."""
+    breakdown = breakdown_of(result.get("predicted"))
+    rows = origin_rows(breakdown) if breakdown is not None else []
+    if not rows:
+        return ""
+    out = [f'<h4>Where the whole step comes from (simulated torch tensors + estimated parts)</h4>'
+           f'<table class="origins"><thead><tr><th>Component</th><th>At the peak ({_attr(breakdown.peak_phase)})</th>'
+           "<th>Origin</th></tr></thead><tbody>"]
+    for name, num_bytes, origin in rows:
+        out.append(f'<tr><td><i class="swatch" style="background:{component_colour(name)}"></i>{_attr(name)}</td>'
+                   f'<td class="num">{_attr(gib_or_dash(num_bytes))}</td>'
+                   f"<td>{_attr(origin_label(origin, breakdown.source))}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
 
 
 def _tick_step(scale_bytes: int) -> int:
@@ -231,6 +328,9 @@ def _legend(results: Sequence[Mapping[str, Any]]) -> str:
         for _, breakdown in _drawn_breakdowns(result):
             for name in breakdown.component_names():
                 names.setdefault(name, None)
+            for role in breakdown.role_names():  # a multi-GPU test's other roles (a vLLM server's KV pool)
+                for name in breakdown.role(role).component_names():
+                    names.setdefault(name, None)
     canonical = [c.value for c in Component if c.value in names]
     ordered = canonical + sorted(n for n in names if n not in canonical)
     items = [f'<span><i style="background:{component_colour(n)}"></i>{_attr(n)}</span>' for n in ordered]
@@ -252,9 +352,10 @@ def _setup_facts(setup: Mapping[str, Any] | None) -> str:
 def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memory (pytest-gpumem)") -> str:
     """One self-contained HTML document (inline CSS and SVG; no script, no external resource)."""
     results = list(results)
+    extra = _ROLES_CSS if any(record_role_rows(r) or _origins_html(r) for r in results) else ""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{_attr(title)}</title><style>{_CSS}</style></head><body>",
+           f"<title>{_attr(title)}</title><style>{_CSS}{extra}</style></head><body>",
            f"<h1>{_attr(title)}</h1>",
            f'<div class="sub">{_attr(counts(results))}' + (f" · {_attr(context(results))}" if context(results) else "")
            + "</div>", _legend(results)]
@@ -288,7 +389,8 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memor
         out.append(f'<section class="test" id="t{index}"><h3>{_attr(result.get("nodeid", "?"))} — '
                    f'<span style="color:{VERDICT_COLOURS.get(verdict, "#1f2328")}">{_attr(verdict)}</span></h3>'
                    f'<div class="facts">{_attr(" · ".join(facts))}</div>'
-                   f'<div class="facts">{_attr(_setup_facts(result.get("setup")))}</div>{detail_svg(result)}')
+                   f'<div class="facts">{_attr(_setup_facts(result.get("setup")))}</div>{detail_svg(result)}'
+                   f"{_roles_html(result)}{_origins_html(result)}")
         if reasons:
             out.append('<div class="facts">not measured: ' + _attr("; ".join(f"{k}: {v}" for k, v in reasons.items()))
                        + "</div>")

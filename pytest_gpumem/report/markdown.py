@@ -6,10 +6,11 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..record import measured_peak
-from .cells import baseline_of, budget_cell, context, counts, delta_text, gib_or_dash, predicted_peak
+from . import cells
+from .cells import baseline_of, budget_cell, context, counts, delta_text, gib_or_dash, predicted_peak, signed_or_dash
 
 VERDICT_SYMBOLS = {"passed": "✅", "failed": "❌", "error": "💥", "xfailed": "➖", "skipped": "⏭️"}
 
@@ -35,6 +36,7 @@ def render_markdown(results: Sequence[Mapping[str, Any]], *, title: str = "GPU m
             f"`{result.get('nodeid', '?')}`", result.get("mode") or "—", budget_cell(result),
             gib_or_dash(predicted_peak(result)), measured_text, gib_or_dash(baseline_of(result).get("peak_bytes")),
             delta_text(result), f"{VERDICT_SYMBOLS.get(verdict, '')} {verdict}".strip())) + " |")
+    lines += _roles_section(results) + _origins_section(results)
     problems = [r for r in results if r.get("verdict") in ("failed", "error") and r.get("reason")]
     grown = [r for r in results if baseline_of(r).get("status") == "grew" and r not in problems]
     if problems or grown:
@@ -45,6 +47,52 @@ def render_markdown(results: Sequence[Mapping[str, Any]], *, title: str = "GPU m
                       f"{html.escape(_first_line(text))}</summary>", "", "```", str(text).replace("```", "'''"), "```",
                       "", "</details>", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _per_test_tables(results: Sequence[Mapping[str, Any]], title: str, intro: str,
+                     table: Callable[[Mapping[str, Any]], tuple[str, str, list[tuple]] | None]) -> list[str]:
+    """A section with one table per test that has one: ``table(result)`` gives (header, alignment, rows) or None."""
+    tables = [(result, found) for result in results for found in [table(result)] if found]
+    if not tables:
+        return []
+    lines = ["", f"### {title}", "", intro]
+    for result, (header, align, rows) in tables:
+        lines += ["", f"`{_md_cell(result.get('nodeid', '?'))}`", "", header, align]
+        lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _roles_table(result: Mapping[str, Any]) -> tuple[str, str, list[tuple]] | None:
+    rows = [(row.role, "—" if row.gpus is None else row.gpus, row.budget_text or gib_or_dash(row.budget_bytes),
+             f"{gib_or_dash(row.peak_bytes)} ({row.peak_phase})", gib_or_dash(row.measured_bytes),
+             signed_or_dash(row.headroom_bytes), ", ".join(f"{name} {gib_or_dash(b)}" for name, b in row.top),
+             ("❌ " if row.over else "") + row.note) for row in cells.record_role_rows(result)]
+    return ("| Role | GPUs | Budget | Predicted peak | Measured | Headroom | Largest components | |",
+            "|---|---:|---:|---:|---:|---:|---|---|", rows) if rows else None
+
+
+def _origins_table(result: Mapping[str, Any]) -> tuple[str, str, list[tuple]] | None:
+    breakdown = cells.breakdown_of(result.get("predicted"))
+    rows = cells.origin_rows(breakdown) if breakdown is not None else []
+    return (f"| Component | At the peak ({breakdown.peak_phase}) | Origin |", "|---|---:|---|",
+            [(name, gib_or_dash(num_bytes), cells.origin_label(origin, breakdown.source))
+             for name, num_bytes, origin in rows]) if rows else None
+
+
+def _roles_section(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A multi-GPU test's roles (rank 0, the other ranks, host memory, a vLLM server), each against its own
+    budget; nothing for one-GPU tests."""
+    return _per_test_tables(results, "Per role", "Per GPU, each role against its own budget: the training ranks "
+                            "share the test's budget (judged on the worst of them), a vLLM server GPU has its own; "
+                            "host memory is one machine's offload.", _roles_table)
+
+
+def _origins_section(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """simulate mode's whole step: where each component came from (the simulation or the estimate's parts a
+    simulation cannot see); nothing for tests without origins."""
+    return _per_test_tables(results, "Where the whole step comes from", "simulate mode judges the simulated torch "
+                            "tensors plus the estimate's parts a simulation cannot see (CUDA context, allocator slack, "
+                            "vLLM, generation), each marked [estimate].", _origins_table)
 
 
 def _first_line(text: str, limit: int = 160) -> str:

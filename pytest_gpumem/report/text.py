@@ -6,10 +6,10 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Callable, Mapping, Sequence
 
-from ..breakdown import HOST_ROLES, TRAINER_ROLES, Breakdown, Phase
+from ..breakdown import Breakdown, Phase
 from ..record import judged_peak
 from ..units import format_gib
-from ..vllm_layout import role_gpu_counts
+from .cells import RoleRow, record_role_rows, role_rows
 
 
 def columns(rows: Sequence[Sequence[str]], right: Callable[[int], bool]) -> list[str]:
@@ -50,27 +50,36 @@ ROLE_WORDS = {"rank0": "training rank 0", "rank1+": "the other training ranks (w
 
 
 def roles_table(breakdown: Breakdown, *, total_bytes: int | None = None, budgets: Mapping[str, int] | None = None,
-                gpus: Mapping[str, int] | None = None) -> str:
-    """One row per role of a multi-GPU breakdown: GPUs, peak and phase, the role's own budget and headroom (the
-    training ranks': ``total_bytes``; others': ``budgets[role]``), the worst training GPU marked; "" for one role."""
-    if len(breakdown.roles) <= 1:
+                gpus: Mapping[str, int] | None = None, measured: Mapping[str, int] | None = None) -> str:
+    """One row per role of a multi-GPU breakdown (:func:`~pytest_gpumem.report.cells.role_rows`): GPUs, peak and
+    phase, the role's own budget and headroom (the training ranks': ``total_bytes``; others': ``budgets[role]``),
+    the worst training GPU marked; "" for one role."""
+    rows = role_rows(breakdown, total_bytes=total_bytes, budgets=budgets, gpus=gpus, measured=measured)
+    return role_rows_table(rows, breakdown.worst_role)
+
+
+def role_rows_table(rows: Sequence[RoleRow], worst_role: str | None) -> str:
+    """The aligned text of :func:`roles_table` (a record's rows: ``cells.record_role_rows``); "" for no rows."""
+    if not rows:
         return ""
-    budgets, gpus = dict(budgets or {}), dict(gpus or {})
-    judged = any(budgets.values()) or bool(total_bytes)
-    header = ("role", "GPUs", "peak", "phase") + (("budget", "headroom") if judged else ()) + ("top components", "")
-    rows = [header]
-    for name in breakdown.role_names():
-        one = breakdown.role(name)
-        top = ", ".join(f"{c} {format_gib(b)}" for c, b in one.top_components(n=3))
-        mark = "← worst training GPU" if name == breakdown.worst_role else ("CPU" if name in HOST_ROLES else "")
-        row = (name, str(gpus.get(name, "")), format_gib(one.peak_bytes), str(one.peak_phase))
+    judged = any(row.budget_bytes for row in rows)
+    with_measured = any(row.measured_bytes is not None for row in rows)
+    header = (("role", "GPUs", "peak", "phase") + (("measured",) if with_measured else ())
+              + (("budget", "headroom") if judged else ()) + ("top components", ""))
+    table = [header]
+    for one in rows:
+        row = (one.role, "" if one.gpus is None else str(one.gpus), format_gib(one.peak_bytes), str(one.peak_phase))
+        if with_measured:
+            row += ("-" if one.measured_bytes is None else format_gib(one.measured_bytes),)
         if judged:
-            limit = budgets.get(name, total_bytes if name in TRAINER_ROLES else None)
-            row += (format_gib(limit), format_gib(limit - one.peak_bytes)) if limit else ("-", "-")
-        rows.append(row + (top, mark))
-    lines = columns(rows, right=lambda column: column in (1, 2) or (judged and column in (4, 5)))
-    words = "; ".join(f"{name}: {ROLE_WORDS.get(name, name)}" for name in breakdown.role_names())
-    lines.append(f"per GPU, each role against its own budget (training ranks: the worst, {breakdown.worst_role}); "
+            row += (format_gib(one.budget_bytes), format_gib(one.headroom_bytes)) if one.budget_bytes else ("-", "-")
+        table.append(row + (", ".join(f"{c} {format_gib(b)}" for c, b in one.top), one.mark))
+    numbers = {1, 2} | ({4} if with_measured else set())
+    if judged:
+        numbers |= {len(header) - 4, len(header) - 3}
+    lines = columns(table, right=lambda column: column in numbers)
+    words = "; ".join(f"{one.role}: {ROLE_WORDS.get(one.role, one.role)}" for one in rows)
+    lines.append(f"per GPU, each role against its own budget (training ranks: the worst, {worst_role}); "
                  f"{words}")
     return "\n".join(lines)
 
@@ -252,9 +261,7 @@ def test_section(record: dict) -> str:
         lines.append(breakdown_table(breakdown, total_bytes=record.get("budget_bytes")))
         if breakdown.roles:
             lines.append("")
-            budgets = {role: b["budget_bytes"] for role, b in (record.get("role_budgets") or {}).items()}
-            lines.append(roles_table(breakdown, total_bytes=record.get("budget_bytes"), budgets=budgets,
-                                     gpus=role_gpu_counts(record.get("setup") or {})))
+            lines.append(role_rows_table(record_role_rows(record), breakdown.worst_role))
     measured = record.get("measured")
     if measured:
         lines.append("")
