@@ -42,11 +42,10 @@ from ..errors import GpuMemError
 from ..record import MEASURED_PEAKS
 from ..units import MIB, Tolerance, format_gib
 from ..versions import PACKAGE_VERSION, installed_versions
+from . import DEFAULT_BASELINE_PATH, DEFAULT_TOLERANCE
 
 SCHEMA_NAME = "pytest-gpumem-baselines"
 SCHEMA_VERSION = 1
-DEFAULT_BASELINE_PATH = ".gpumem/baselines.json"
-DEFAULT_TOLERANCE = "5%+256MiB"
 #: seconds to wait for another process's lock before giving up with an explanation
 LOCK_TIMEOUT_S = 120.0
 

@@ -4,9 +4,13 @@
 Thin glue in pytest-memray's shape (docs/anchors.md): the module-level hooks only register options, the marker
 and the fixtures; when ``--gpu-budget`` (or ini ``gpu_budget = true``) is on, ``pytest_configure`` registers
 one :class:`~pytest_gpumem.plugin.manager.Manager` that does the work. Without it the plugin is inert: marked
-tests run as plain tests and nothing heavy is imported (no torch, ever, from this package).
+tests run as plain tests and nothing heavy is imported (no torch, ever, from this package) — nor the Manager,
+setups, records or the estimate: the modules imported here are the light ones (options, mode, state, the
+fixtures' registration), because every pytest run of an environment with the plugin installed pays for them
+(goal: < 30 ms over plain pytest, benchmarks/bench_plugin.py; tests/test_plugin_import.py keeps it so).
 
-- ``options.py`` every option and ini key; ``mode.py`` the session's mode; ``marker.py`` the marker's grammar;
+- ``options.py`` every option and ini key, the marker's name and help; ``mode.py`` the session's mode;
+  ``marker.py`` the marker's grammar; ``defaults.py`` the session-wide defaults;
 - ``state.py`` per-test state, the stash keys, the exceptions; ``manager.py`` the Manager;
 - ``baseline_gate.py`` baselines in a session; ``fixtures.py`` ``gpu_memory`` and ``grpo_step``.
 """
@@ -19,9 +23,8 @@ import pytest
 
 from . import options
 from .fixtures import gpu_memory, grpo_step  # noqa: F401 - registers the fixtures with pytest
-from .manager import Manager
-from .marker import MARKER, MARKER_HELP
 from .mode import MODES, OFF, resolve_mode
+from .options import MARKER, MARKER_HELP
 from .state import MANAGER_KEY, GpuBudgetFailure, StepSetupError
 
 __all__ = ["GpuBudgetFailure", "gpu_memory", "grpo_step"]
@@ -47,7 +50,11 @@ def pytest_configure(config: pytest.Config) -> None:
     mode, reason = resolve_mode(config)
     if mode is None:
         return
-    manager = Manager(config, mode, reason, options.read_defaults(config))
+    # a mode is on: only now the Manager (checks, records, reports, the estimate) and the defaults' readers
+    from .defaults import read_defaults
+    from .manager import Manager
+
+    manager = Manager(config, mode, reason, read_defaults(config))
     config.stash[MANAGER_KEY] = manager
     config.pluginmanager.register(manager, "gpumem-manager")
 

@@ -5,26 +5,30 @@ Both work with or without ``--gpu-budget``: without it nothing is judged, ``grpo
 and ``gpu_memory`` still measures. Neither imports torch on its own: ``gpu_memory`` reads torch only when the
 test has imported it (reading CUDA state from a process that never touched the GPU would create a CUDA context
 there, ≈ 0.3–0.6 GiB — docs/memory-model.md §6) and asks NVML whether a device exists at all.
+
+The plugin registers them in every pytest run, so their heavier parts (the tracker, the marker's setup reader, the
+estimate) are imported when a test first asks for a fixture, not with the plugin.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ..errors import GpuMemError, MarkerError
-from ..measure.block import GpuMemory
-from ..predict.analytic import estimate
-from ..record import predicted_dict
-from .marker import describe_error, parse_setup
 from .state import MANAGER_KEY, STATE_KEY, StepResult, StepSetupError
+
+if TYPE_CHECKING:
+    from ..measure.block import GpuMemory
 
 
 @pytest.fixture
 def gpu_memory(request: pytest.FixtureRequest) -> GpuMemory:
     """Measure your own GPU code for the test's ``gpu_budget``: ``with gpu_memory.track(): train_step()``."""
+    from ..measure.block import GpuMemory  # off the plugin's import: registered in every run, used in few
+
     tracker = GpuMemory()
     state = request.node.stash.get(STATE_KEY, None)
     if state is not None:
@@ -38,6 +42,11 @@ def grpo_step(request: pytest.FixtureRequest):
     the session's mode — estimate, simulate, or measure (real steps on the GPU) — and records it for the
     test's ``gpu_budget``. ``grpo_step()`` with no argument uses the marker's ``setup=``. Returns a
     :class:`StepResult`. Without ``--gpu-budget`` it returns the estimate and judges nothing."""
+    # off the plugin's import: registered in every run, used in few
+    from ..predict.analytic import estimate
+    from ..record import predicted_dict
+    from .marker import describe_error, parse_setup
+
     manager = request.config.stash.get(MANAGER_KEY, None)
     state = request.node.stash.get(STATE_KEY, None)
     base_dirs = (Path(request.node.path).parent,) if getattr(request.node, "path", None) else ()

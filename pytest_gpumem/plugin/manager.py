@@ -38,8 +38,8 @@ from ..units import format_gib
 from ..versions import PACKAGE_VERSION
 from . import mode
 from .baseline_gate import BaselineGate
-from .marker import MARKER, default_spec, describe_error, spec_from_marker
-from .options import report_paths
+from .marker import default_spec, describe_error, spec_from_marker
+from .options import MARKER, report_paths
 from .state import (
     STATE_KEY,
     GpuBudgetFailure,

@@ -3,7 +3,9 @@
 Unlike pytest-memray's marker (docs/anchors.md), a bad argument is an error on *that* test — never an
 INTERNALERROR — naming the argument, the value given and the accepted forms; a size string must carry an
 explicit unit and nothing may trail it; "GB" is 10**9 bytes and every message prints both units. The checks a
-budgeted test runs are ``compare/checks.py``. Pure Python: nothing here imports pytest or torch.
+budgeted test runs are ``compare/checks.py``. Nothing here imports torch, and pytest only through options.py,
+where the marker's name and its ``pytest --markers`` line are (the inert plugin registers them without this
+module).
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from ..gpus import GPU, resolve_gpu
 from ..record import BudgetSpec, Defaults
 from ..spec import GRPOSetup
 from ..units import UNIT_BYTES, Tolerance, budget_text, read_size
-
-MARKER = "gpu_budget"
+from .options import MARKER
 
 #: the units a budget may be given in (lower case -> (as printed, bytes)), and the marker's number keywords
 SIZE_UNITS: dict[str, tuple[str, int]] = {name.lower(): (name, UNIT_BYTES[name.lower()])
@@ -37,14 +38,6 @@ ALL_KEYWORDS = tuple(SIZE_KEYWORDS) + ("size",) + OTHER_KEYWORDS + ROLE_KEYWORDS
 
 ACCEPTED_BUDGET_FORMS = ("exactly one of gb=17 (10^9 bytes), gib=20 (2^30 bytes), mb=1500, mib=512 or "
                          "size='17 GiB' (GB/GiB/MB/MiB, case-insensitive); or only gpu='L4' (that card's memory)")
-MARKER_HELP = (f"{MARKER}(gb=|gib=|mb=|mib=|size='17 GiB', setup=None, tolerance=0.10, gpu=None): the test's "
-               "GPU memory peak (predicted, simulated or measured; see --gpu-budget) must stay under the "
-               "budget (with only gpu= given: that card's memory). setup: a GRPOSetup, dict or path to a "
-               ".json/.toml setup file; tolerance: allowed prediction-vs-measurement gap (0.10 or '10%'); "
-               "gpu: card to judge against ('L4', '24GiB'); "
-               "baseline_tolerance: allowed growth over the saved baseline ('5%+256MiB'); "
-               "vllm_gb=|vllm_gib=|vllm_size=...: the budget of each vLLM server GPU (setup with vllm_mode='server'; "
-               "default: vllm_server_gpu's memory, else the training GPUs' budget).")
 
 #: the largest budget we accept: anything above is a typo (1 PB)
 MAX_BUDGET_BYTES = 10**15

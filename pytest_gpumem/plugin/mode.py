@@ -2,7 +2,8 @@
 
 The simulation and the runner are found by module name, so a stripped installation without them is a usage
 error naming the extra to install (and a test can stand in for either). ``measure`` on a machine without a
-CUDA device is a usage error too: it would skip every test and exit 0.
+CUDA device is a usage error too: it would skip every test and exit 0. The device probe is imported only when a
+mode is asked for: the inert plugin imports this module in every pytest run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 
 import pytest
 
-from ..measure import device
 from .options import ini_bool, ini_value
 
 MODES = ("auto", "estimate", "simulate", "measure")
@@ -30,6 +30,8 @@ def resolve_mode(config: pytest.Config) -> tuple[str | None, str]:
         return None, "--gpu-budget not given"
     requested = (cli or "").strip().lower() or str(ini_value(config, "gpu_budget_mode") or "auto").strip().lower()
     source = "--gpu-budget" if (cli or "").strip() else "ini gpu_budget_mode"
+    from ..measure import device  # NVML and the GPU table: off the inert plugin's import
+
     if requested not in MODES:
         raise pytest.UsageError(f"pytest-gpumem: {source}: unknown mode {requested!r}; use one of "
                                 f"{', '.join(MODES)} (or --gpu-budget=off)")

@@ -1,4 +1,6 @@
-"""Every ``--gpu-budget*`` option and ini key of the plugin, and reading them with errors that name the key.
+"""Every ``--gpu-budget*`` option and ini key of the plugin, and reading them with errors that name the key; the
+marker's name and its ``pytest --markers`` line. Light: the inert plugin (no ``--gpu-budget``) imports this and
+not the modules that read the values (defaults.py, marker.py, manager.py).
 
 The report options (``--gpu-budget-json``, ``-md``, ``-html``) are generated from
 :data:`pytest_gpumem.report.WRITERS`. Boolean keys are declared ``type="bool"`` (so TOML's native
@@ -15,15 +17,19 @@ from typing import Any
 
 import pytest
 
-from .. import launch_config
-from ..compare.baseline import DEFAULT_BASELINE_PATH, DEFAULT_TOLERANCE
-from ..errors import GpuMemError
-from ..gpus import resolve_gpu
-from ..record import Defaults
+from ..compare import DEFAULT_BASELINE_PATH, DEFAULT_TOLERANCE
 from ..report import WRITERS
-from ..units import budget_text
-from .marker import parse_size_string
 
+MARKER = "gpu_budget"
+#: the marker's line in ``pytest --markers`` (its grammar is marker.py's)
+MARKER_HELP = (f"{MARKER}(gb=|gib=|mb=|mib=|size='17 GiB', setup=None, tolerance=0.10, gpu=None): the test's "
+               "GPU memory peak (predicted, simulated or measured; see --gpu-budget) must stay under the "
+               "budget (with only gpu= given: that card's memory). setup: a GRPOSetup, dict or path to a "
+               ".json/.toml setup file; tolerance: allowed prediction-vs-measurement gap (0.10 or '10%'); "
+               "gpu: card to judge against ('L4', '24GiB'); "
+               "baseline_tolerance: allowed growth over the saved baseline ('5%+256MiB'); "
+               "vllm_gb=|vllm_gib=|vllm_size=...: the budget of each vLLM server GPU (setup with vllm_mode='server'; "
+               "default: vllm_server_gpu's memory, else the training GPUs' budget).")
 #: the marker's per-test baseline tolerance keyword
 BASELINE_TOLERANCE_KEYWORD = "baseline_tolerance"
 
@@ -96,44 +102,6 @@ def ini_bool(config: pytest.Config, name: str) -> bool:
         return False
     raise pytest.UsageError(f"pytest-gpumem: ini option {name}: {value!r} is not a boolean "
                             f"(use {name} = true or {name} = false)")
-
-
-def read_defaults(config: pytest.Config) -> Defaults:
-    """The session-wide budget and card (``--gpu-budget-default``/``-gpu`` or their ini keys); a bad value is a
-    usage error naming the option."""
-    size = config.getoption("gpu_budget_default", None) or ini_value(config, "gpu_budget_default")
-    gpu = config.getoption("gpu_budget_gpu", None) or ini_value(config, "gpu_budget_gpu")
-    budget_bytes = text = gpu_spec = None
-    try:
-        if size:
-            budget_bytes, unit = parse_size_string(size, "gpu_budget_default")
-            text = budget_text(budget_bytes, unit)
-        if gpu:
-            gpu_spec = resolve_gpu(gpu, field="gpu_budget_gpu")
-    except GpuMemError as exc:
-        raise pytest.UsageError(f"pytest-gpumem: {exc}") from None
-    return Defaults(budget_bytes=budget_bytes, budget_text=text, gpu=gpu_spec, setup_keys=_suite_setup_keys(config))
-
-
-def _suite_setup_keys(config: pytest.Config) -> tuple:
-    """The multi-GPU setup keys of the whole suite, from the ini (a bad file or value names the key)."""
-    keys: dict[str, Any] = {}
-    path = str(ini_value(config, "gpu_budget_accelerate_config") or "").strip()
-    try:
-        if path:
-            keys.update(launch_config.read(resolve_path(path, Path(config.rootpath))))
-    except GpuMemError as exc:
-        raise pytest.UsageError(f"pytest-gpumem: ini option gpu_budget_accelerate_config: {exc}") from None
-    world_size = str(ini_value(config, "gpu_budget_world_size") or "").strip()
-    if world_size:
-        if not world_size.isascii() or not world_size.isdigit() or int(world_size) < 1:
-            raise pytest.UsageError(f"pytest-gpumem: ini option gpu_budget_world_size: {world_size!r} is not a "
-                                    "positive whole number (use e.g. gpu_budget_world_size = 8)")
-        keys["world_size"] = int(world_size)
-    distributed = str(ini_value(config, "gpu_budget_distributed") or "").strip()
-    if distributed:
-        keys["distributed"] = distributed
-    return tuple(sorted(keys.items()))
 
 
 def resolve_path(path: str, base: Path) -> Path:

@@ -1,14 +1,17 @@
 """What the plugin keeps per test and per session, and its exceptions; it imports nothing else of the plugin,
-so the manager, the fixtures and the marker hooks all import it and none of them imports another for it."""
+so the manager, the fixtures and the marker hooks all import it and none of them imports another for it. Light:
+the inert plugin imports it (the stash keys, StepSetupError), and records are imported only by
+:attr:`StepResult.peak_bytes`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..record import BudgetSpec, judged_peak
+if TYPE_CHECKING:
+    from ..record import BudgetSpec
 
 STATE_KEY = pytest.StashKey["TestState"]()
 MANAGER_KEY = pytest.StashKey["Any"]()  # the session's plugin.manager.Manager, while --gpu-budget is on
@@ -64,4 +67,6 @@ class StepResult:
     @property
     def peak_bytes(self) -> int | None:
         """The peak the budget is judged on: measured when measured, else predicted."""
+        from ..record import judged_peak  # records (setups, breakdowns) stay off the inert plugin's import
+
         return judged_peak({"predicted": self.predicted, "measured": self.measured})[0]
