@@ -105,11 +105,21 @@ def test_fsdp2_moments_follow_accelerates_units():
     assert last["gathered_params"] == 2 * 2 * block and last["reduce_buckets"] == 2 * block
     first, _ = fsdp_moment("first_block")
     assert first["gathered_params"] == 2 * (vh + block)  # block 0 + the embedding unit prefetched
+    # the embedding unit's post_backward: resharded first, then its unsharded bf16 gradient, the reduce-scatter
+    # input and the 1/N output alive together (the block's reduce-scatter reclaimed)
     embedding, _ = fsdp_moment("embedding")
-    assert embedding["gathered_params"] == 2 * vh and embedding["reduce_buckets"] == 2 * (vh + block)
+    shard_rows = -(-spec.vocab_size // 8) * h
+    assert embedding["gathered_params"] == 0 and embedding["reduce_buckets"] == 2 * (2 * vh + shard_rows)
+    # the first block's post_backward: its unsharded gradients and its reduce-scatter input, 2 × the block's
+    block_reduce, _ = fsdp_moment("block_reduce")
+    assert block_reduce["reduce_buckets"] == 2 * 2 * block
+    assert block_reduce["gathered_params"] == 2 * (vh + block)
+    # the forward: a unit's copy-out with the previous unit's all-gather output still alive — untied, the tail's
+    # (block + 2 × tail) is the largest for this vocabulary
+    assert fsdp_moment("forward")[0]["gathered_params"] == 2 * (block + 2 * (vh + h))
     # reshard_after_forward=False: the whole model unsharded when the backward starts
     assert fsdp_moment("head", reshard_after_forward=False)[0]["gathered_params"] == 2 * spec.num_params
-    assert fsdp_moment("embedding", reshard_after_forward=False)[0]["gathered_params"] == 2 * vh
+    assert fsdp_moment("embedding", reshard_after_forward=False)[0]["gathered_params"] == 0
     # one root unit (NO_WRAP): everything gathered, nothing reduced before the end
     assert fsdp_moment("last_block", fsdp_wrap="none")[0]["gathered_params"] == 2 * spec.num_params
 

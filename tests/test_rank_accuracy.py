@@ -1,46 +1,108 @@
-"""The per-rank FSDP2 estimate against the FakeTensor simulation of rank 0 under a fake process group: every
-simulated phase's total within 1%, and the sharding step's components (shards, gathers, reduce-scatter input,
-weight sync) within 5% each — on tied and untied architectures, N = 2 to 64, with the reference model, without
-resharding after forward, and with the weight sync to vLLM."""
+"""The per-rank FSDP2 estimate against the FakeTensor simulation of rank 0 under a fake process group (issue 13,
+"Numbers"): six registry architectures (Qwen2.5, Llama-3.1, Gemma-3, Qwen3, Phi-4-mini, Mistral; tied and untied)
+× full fine-tuning and LoRA × N = 2, 8 and 64, reduced to 2 layers; then the knobs (reference model, vLLM's weight
+sync and "old" scoring pass, no resharding after forward). Every simulated phase's total within 1%; every
+component within 5%, except those under 1% of the simulated phase total on both sides (LoRA adapters and their
+states, the attention mask, a LoRA micro-batch's activations: the one-GPU estimate's parts, held by
+tests/test_accuracy_matrix.py, where 5% of a few hundred KiB says nothing about the rank's peak). The measured
+table is in docs/distributed.md §9."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("trl", reason="trl is in the test extra")
+from pytest_gpumem.spec import GRPOSetup
 
-from pytest_gpumem import estimate  # noqa: E402
-from pytest_gpumem.predict.faketensor import simulate  # noqa: E402
-from pytest_gpumem.predict.faketensor.matrix import reduced_config  # noqa: E402
-from pytest_gpumem.predict.faketensor.scope import comparable_components  # noqa: E402
+#: (registry model, tied embeddings) — distinct transformers families, both kinds of embedding
+ARCHS = (
+    "Qwen/Qwen2.5-0.5B",  # qwen2, tied, q/k/v biases
+    "meta-llama/Llama-3.1-8B",  # llama, untied
+    "google/gemma-3-1b-it",  # gemma3_text, tied, sliding window, four norms
+    "Qwen/Qwen3-8B",  # qwen3, untied, q/k norms
+    "microsoft/Phi-4-mini-instruct",  # phi3, tied, fused projections
+    "mistralai/Mistral-7B-v0.1",  # mistral, untied, small vocabulary (a block outweighs the embedding)
+)
+METHODS = {"full": {}, "lora": {"lora_rank": 16}}
+WORLD_SIZES = (2, 8, 64)
+LAYERS = 2
 
-#: the components the sharding step decides (the rest are the one-GPU estimate's, held by the accuracy matrix)
-SHARDED = ("weights", "optimizer_states", "gradients", "gathered_params", "reduce_buckets", "reference_weights",
-           "weight_sync_gather")
-CASES = [  # (model, layers kept, world size, extra keys)
-    ("Qwen/Qwen2.5-0.5B", 2, 8, {"beta": 0.04}),  # tied: the shared weight sits in the tail unit
-    ("meta-llama/Llama-3.1-8B", 2, 64, {}),  # untied: the embedding is a unit of its own
-    ("google/gemma-3-1b-it", 3, 2, {}),
+#: Untied LoRA: the simulation's trace puts the frozen fp32 lm_head in no FSDP2 unit (the root unit holds the final
+#: norm only; accelerate 1.16 carves no tail for the PeftModel), so TRL's fused head gathers it with
+#: ``weight.full_tensor()`` in fp32 in the log-prob path (Llama-3.1-8B: 2004 MiB + two 256 MiB bf16 weight-chunk
+#: casts = logits 2521.5 MiB simulated, 0 estimated; gathered 416 MiB simulated, 2420 MiB estimated for a bf16 tail
+#: unit). Training total 0.86 (N = 8). Why accelerate leaves the PEFT lm_head out of the tail is not traced yet.
+UNTIED_LORA = pytest.mark.xfail(strict=True, reason="untied LoRA: the fp32 lm_head full_tensor() in the fused "
+                                                    "head is not modelled (docs/distributed.md §9)")
+UNTIED = {"meta-llama/Llama-3.1-8B", "Qwen/Qwen3-8B", "mistralai/Mistral-7B-v0.1"}
+XFAIL_UNTIED_LORA = {"meta-llama/Llama-3.1-8B", "Qwen/Qwen3-8B"}  # Mistral's small vocabulary: the block wins
+
+
+def _grid():
+    for model in ARCHS:
+        for method, keys in METHODS.items():
+            for n in WORLD_SIZES:
+                marks = [UNTIED_LORA] if method == "lora" and model in XFAIL_UNTIED_LORA else []
+                yield pytest.param(model, LAYERS, n, keys, marks=marks,
+                                   id=f"{model.split('/')[-1]}-{method}-N{n}")
+
+
+EXTRA = [  # (model, layers kept, world size, extra keys)
+    ("Qwen/Qwen2.5-0.5B", 2, 8, {"beta": 0.04}),  # the root-only reference gathered whole
+    ("google/gemma-3-1b-it", 3, 2, {}),  # an odd layer count
     ("Qwen/Qwen2.5-1.5B", 3, 4, {"reshard_after_forward": False}),
     ("meta-llama/Llama-3.1-8B", 2, 8, {"use_vllm": True}),  # the weight sync and the old-log-prob pass
+    ("Qwen/Qwen2.5-0.5B", 2, 4, {"use_vllm": True}),  # tied no-grad scoring: 2 × (tail + block) gathered
+    ("Qwen/Qwen2.5-0.5B", 2, 4, {"use_vllm": True, "lora_rank": 16}),  # the tail left gathered by scoring
+    ("google/gemma-3-1b-it", 2, 8, {"use_vllm": True, "lora_rank": 16}),
 ]
-# Not held here: a tied model's no-grad scoring pass, where the simulation sees the tail unit's all-gather output
-# and its copy-out alive together at the forward's start (2 x (tail + block), Qwen2.5-0.5B: 576 vs 288 MiB
-# estimated) — docs/distributed.md §9.
 
 
-@pytest.mark.parametrize("model, layers, world_size, extra", CASES,
-                         ids=[f"{m.split('/')[-1]}-N{n}-{'-'.join(e) or 'plain'}" for m, _, n, e in CASES])
-def test_fsdp2_estimate_matches_the_rank_simulation(model, layers, world_size, extra):
-    setup = {"model": reduced_config(model, layers), "per_device_train_batch_size": 2, "num_generations": 2,
-             "max_prompt_length": 32, "max_completion_length": 32, "world_size": world_size,
-             "distributed": "fsdp2", **extra}
+def _setup(model, layers, world_size, extra):
+    from pytest_gpumem.predict.faketensor.matrix import reduced_config
+
+    return {"model": reduced_config(model, layers), "per_device_train_batch_size": 2, "num_generations": 2,
+            "max_prompt_length": 32, "max_completion_length": 32, "world_size": world_size,
+            "distributed": "fsdp2", **extra}
+
+
+def test_the_grid_is_what_the_issue_asks_for():
+    """Six architectures of distinct families, tied and untied, full and LoRA, N = 2, 8 and 64 — from the
+    registry, not hand-made configs."""
+    specs = [GRPOSetup.coerce({"model": model}).model_spec for model in ARCHS]
+    assert len({spec.model_type for spec in specs}) == 6
+    assert {spec.tie_word_embeddings for spec in specs} == {True, False}
+    assert {model for model, spec in zip(ARCHS, specs) if not spec.tie_word_embeddings} == UNTIED
+    assert set(WORLD_SIZES) == {2, 8, 64} and set(METHODS) == {"full", "lora"}
+
+
+def assert_matches(setup):
+    """Every simulated phase: total within 1%, each component within 5% (under 1% of the phase on both sides:
+    excluded, see the module docstring)."""
+    from pytest_gpumem import estimate
+    from pytest_gpumem.predict.faketensor import simulate
+    from pytest_gpumem.predict.faketensor.scope import comparable_components
+
     simulated = simulate(setup)
     estimated = estimate(setup).breakdown.role("rank0")
     for phase in simulated.phase_names():
         sim, est = comparable_components(simulated, phase), comparable_components(estimated, phase)
-        assert sum(est.values()) == pytest.approx(sum(sim.values()), rel=0.01), phase
-        for name in SHARDED:
-            if sim.get(name, 0) > 0.01 * sum(sim.values()):
-                assert est.get(name, 0) == pytest.approx(sim[name], rel=0.05), (phase, name)
+        total = sum(sim.values())
+        assert sum(est.values()) == pytest.approx(total, rel=0.01), (phase, sim, est)
+        for name in set(sim) | set(est):
+            if max(sim.get(name, 0), est.get(name, 0)) > 0.01 * total:
+                assert est.get(name, 0) == pytest.approx(sim.get(name, 0), rel=0.05), (phase, name, sim, est)
+
+
+@pytest.mark.parametrize("model, layers, world_size, extra", list(_grid()))
+def test_fsdp2_grid_matches_the_rank_simulation(model, layers, world_size, extra):
+    pytest.importorskip("torch")
+    pytest.importorskip("trl", reason="trl is in the test extra")
+    assert_matches(_setup(model, layers, world_size, extra))
+
+
+@pytest.mark.parametrize("model, layers, world_size, extra", EXTRA,
+                         ids=[f"{m.split('/')[-1]}-N{n}-{'-'.join(e) or 'plain'}" for m, _, n, e in EXTRA])
+def test_fsdp2_knobs_match_the_rank_simulation(model, layers, world_size, extra):
+    pytest.importorskip("torch")
+    pytest.importorskip("trl", reason="trl is in the test extra")
+    assert_matches(_setup(model, layers, world_size, extra))

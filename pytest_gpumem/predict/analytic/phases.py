@@ -68,7 +68,20 @@ def scoring(ctx: Ctx) -> dict[str, int] | None:
 
 
 #: the moments of a training micro-step whose peaks are compared (a sharding strategy transforms each one)
-MOMENTS = ("head", "last_block", "first_block", "embedding", "forward_end")
+MOMENTS = ("head", "last_block", "first_block", "embedding", "forward_end", "forward", "block_reduce")
+
+
+def forward_moment(ctx: Ctx) -> dict[str, int]:
+    """Inside the forward, before anything is saved: one GPU never peaks here, but a sharded rank can — FSDP2's
+    all-gather copy-outs hold two units' all-gather outputs and one unit's unsharded parameters at once
+    (``parallel.fsdp.forward_gather_bytes``; LoRA, whose backward is small, peaks there). Only what is alive
+    from before the forward: earlier micro-steps' gradients and the attention mask."""
+    accumulating = ctx.setup.gradient_accumulation_steps > 1
+    return {C.GRADIENTS: params.gradient_parts(ctx)[2] if accumulating else 0,
+            C.ATTENTION_MASK: activations.mask_bytes(ctx)}
+#: ``block_reduce``: the first block's post-backward (its recomputed activations freed), where FSDP2 copies the
+#: block's unsharded gradients into its reduce-scatter input (``parallel.fsdp``); one GPU: ``first_block`` less
+#: the recomputed layer.
 
 
 def training(ctx: Ctx) -> dict[str, int]:
@@ -172,7 +185,13 @@ def step(ctx: Ctx, adjust: Callable[..., dict] | None = None
     scored = scoring(ctx)
     if scored is not None:
         phases[P.SCORING] = with_slack(rank(P.SCORING, {**awake, **scored}))
-    moments = [with_slack(rank(P.TRAINING, {**awake, **parts}, moment)) for moment, parts in training_moments(ctx)]
+    candidates = training_moments(ctx)
+    if adjust is not None:  # moments only a sharded rank can peak at (their one-GPU parts: never the largest)
+        first_block = dict(candidates)["first_block"]
+        candidates = candidates + [("forward", forward_moment(ctx)),
+                                   ("block_reduce", {k: v for k, v in first_block.items()
+                                                     if k != C.RECOMPUTED_LAYER})]
+    moments = [with_slack(rank(P.TRAINING, {**awake, **parts}, moment)) for moment, parts in candidates]
     phases[P.TRAINING] = max(moments, key=lambda parts: sum(parts.values()))
     phases[P.OPTIMIZER] = with_slack(rank(P.OPTIMIZER, {**awake, **optimizer_step(ctx)}))
     phases = {P.PERSISTENT: with_slack(rank(P.PERSISTENT, dict(awake))), **phases}

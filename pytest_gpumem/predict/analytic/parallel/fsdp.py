@@ -59,17 +59,43 @@ def _persistent(ctx: Ctx, sh: Shares) -> dict:
     return _states(ctx, sh)
 
 
-def forward_gather_bytes(ctx: Ctx) -> int:
-    """Unsharded bf16 parameters while a forward runs (``param_dtype`` bf16): per decoder-layer units, the
-    current and the prefetched next unit plus the root (never resharded after forward); one root unit
-    (``fsdp_wrap='none'``) or no resharding after forward: the whole model."""
+def forward_gather_bytes(ctx: Ctx, tail_gathered: bool = False) -> int:
+    """The most unsharded bf16 parameters alive while a forward runs (``param_dtype`` bf16).
+
+    Per decoder-layer units, the forward peaks inside a unit's copy-out: torch 2.13
+    ``FSDPParamGroup.wait_for_unshard`` defers freeing the previous unit's all-gather output in forward
+    ("to overlap the current copy-out with the next all-gather") and drops it through a local
+    (``if prev_all_gather_state := self.comm_ctx.all_gather_state``) that lives until the method returns, so
+    during unit k's copy-out the previous unit's all-gather output, unit k's all-gather output and unit k's
+    unsharded parameters are alive together, with every unit not resharded after forward (the tail). In the
+    forward's order (:func:`outer_units`) — tied: tail (embedding first), blocks; untied: embedding, blocks,
+    tail — that is 2 × (tail + block) at the first block (tied), embedding + 2 × block at the first block and
+    block + 2 × tail at the tail (untied), 3 × block (+ the tied tail) between blocks. Simulated (rank 0 under a
+    fake group): Qwen2.5-0.5B tied, 2 layers, N = 8, LoRA: 576.4 MiB = 2 × (259.7 + 28.5); Llama-3.1-8B
+    untied, 2 layers: 2420 MiB = 416 + 2 × 1002. One root unit (``fsdp_wrap='none'``) or no resharding after
+    forward: the whole model.
+
+    ``tail_gathered``: an earlier no-grad forward of the policy in this step left the tail unsharded (a unit
+    not resharded after forward is resharded only in its post-backward, which a no-grad forward never
+    registers: torch 2.13 ``FSDPParamGroup.reshard`` returns early in forward, ``_register_post_backward_hook``
+    without grad), so this forward does not all-gather it: no tail all-gather output, the tail counted once.
+    Simulated, Qwen2.5-0.5B tied, 2 layers, N = 4, LoRA, vLLM's "old" scoring pass first: training gathered
+    345.3 MiB = 259.7 + 3 × 28.5."""
     setup, spec = ctx.setup, ctx.spec
     if setup.fsdp_wrap == "none" or not setup.reshard_after_forward:
         return spec.num_params * BF16
+    blk = shapes.block_params(spec)
     embed_unit, tail = outer_units(spec)
-    # at the forward's end: the last block, the tail and the embedding unit (re-gathered by the root's hooks;
-    # simulated: 2420 MiB = 2 × (block + embedding + tail) for Llama-3.1-8B reduced to 2 layers, N = 8)
-    return (shapes.block_params(spec) + embed_unit + tail) * BF16
+    between_blocks = [3 * blk] if spec.num_hidden_layers >= 2 else []
+    if spec.tie_word_embeddings and tail_gathered:
+        peaks = [tail + 2 * blk] + [tail + b for b in between_blocks]
+    elif spec.tie_word_embeddings:  # the tail is gathered first and kept
+        peaks = [2 * tail, 2 * tail + 2 * blk] + [tail + b for b in between_blocks]
+    elif tail_gathered:
+        peaks = [tail + 2 * embed_unit, tail + embed_unit + 2 * blk] + [tail + b for b in between_blocks]
+    else:  # the embedding unit is resharded after its forward; the tail is gathered last
+        peaks = [2 * embed_unit, embed_unit + 2 * blk, blk + 2 * tail] + between_blocks
+    return max(peaks) * BF16
 
 
 def _reduce_scatter_bytes(ctx: Ctx) -> int:
@@ -166,15 +192,47 @@ def _training(ctx: Ctx, sh: Shares, one_gpu: dict, moment: str | None) -> dict:
     if moment == "last_block":
         return {C.GRADIENTS: max(before, sharded_head) + (root_grad if tied else 0),
                 C.GATHERED_PARAMS: kept or (tail_kept + 2 * blk) * BF16, C.REDUCE_BUCKETS: block_grads}
+    # inside / at the end of the first block's backward every later block's sharded gradient exists, not its own
+    later_blocks = sharded_blocks - sharded_blocks // max(spec.num_hidden_layers, 1)
     if moment == "first_block":  # every other block reduced; the embedding unit (kept, or prefetched) is next
-        return {C.GRADIENTS: max(before, sharded_blocks + sharded_head) + (root_grad if tied else 0),
+        return {C.GRADIENTS: max(before, later_blocks + sharded_head) + (root_grad if tied else 0),
                 C.GATHERED_PARAMS: (tail_kept + embed_unit + blk) * BF16, C.REDUCE_BUCKETS: block_grads}
+    if moment == "block_reduce":
+        # the first block's post_backward (torch 2.13 FSDPParamGroup.post_backward → foreach_reduce): its
+        # unsharded bf16 gradients and the flat reduce-scatter input they are copied into are alive together
+        # (2 × the block's gradients), the block still unsharded and the embedding unit prefetched, every later
+        # block's sharded gradient made, this block's not yet. Simulated: Mistral-7B (2 layers, N = 8) 832 MiB
+        # = 2 × 416 reduce-scatter, 666 MiB = 416 + 250 gathered, 166.5 MiB sharded gradients.
+        return {C.GRADIENTS: max(before, later_blocks + sharded_head) + (root_grad if tied else 0),
+                C.GATHERED_PARAMS: (tail_kept + embed_unit + blk) * BF16, C.REDUCE_BUCKETS: 2 * block_grads}
+    if moment == "embedding" and not tied and not setup.is_lora and not accumulating:
+        # untied: the embedding unit's post_backward. torch 2.13 FSDPParamGroup.post_backward reshards first
+        # (nothing of the unit stays gathered), then foreach_reduce copies the unsharded bf16 gradient into the
+        # flat reduce-scatter input and reduce-scatters into a 1/N output, which becomes the fp32 sharded
+        # gradient: the unsharded gradient, the input and the output alive together, the block's reduce-scatter
+        # already reclaimed. Simulated, Llama-3.1-8B (2 layers, N = 2): reduce_buckets 2505 MiB = 1002 + 1002 +
+        # 501, gathered 0, gradients 2836 MiB = every fp32 shard.
+        shard_rows = -(-spec.vocab_size // n) * spec.hidden_size
+        return {C.GRADIENTS: sharded_blocks + sharded_head + shard_rows * FP32, C.GATHERED_PARAMS: 0,
+                C.REDUCE_BUCKETS: (2 * embed_unit + shard_rows) * BF16}
     if moment == "embedding":  # the embedding's backward and reduce-scatter; the last block's still in flight
         own_grad = 0 if tied or setup.is_lora else root_grad  # tied: both gradients are in recomputed_layer
-        return {C.GRADIENTS: max(before, sharded_blocks + sharded_head) + own_grad,
-                C.GATHERED_PARAMS: (tail_kept + embed_unit) * BF16,
-                C.REDUCE_BUCKETS: (0 if setup.is_lora else (tail if tied else embed_unit) * BF16) + block_grads}
-    return {C.GRADIENTS: before, C.GATHERED_PARAMS: kept or (tail + blk) * BF16}  # the forward's end
+        parts = {C.GRADIENTS: max(before, sharded_blocks + sharded_head) + own_grad,
+                 C.GATHERED_PARAMS: (tail_kept + embed_unit) * BF16,
+                 C.REDUCE_BUCKETS: (0 if setup.is_lora else (tail if tied else embed_unit) * BF16) + block_grads}
+        if tied and not setup.is_lora and setup.logits == "chunked":
+            # of the two bf16 V·h gradients, the head's is made by the chunked log-prob backward
+            # (ChunkedLogProbFunction's grad_weight.to(bf16)) and parked in autograd until the embedding's is
+            # added to it: the log-prob path's allocation (logits), as the simulation files it; moved, not added
+            parts[C.RECOMPUTED_LAYER] = -vh * BF16
+            parts[C.LOGITS] = vh * BF16
+        return parts
+    # the forward (its end stands for it): the largest copy-out moment, forward_gather_bytes; the tail is
+    # still unsharded when a no-grad pass of the policy ran before it in this step (vLLM's "old" log-probs,
+    # LoRA's reference = the policy with its adapters off). HF generate's forwards would do the same, but the
+    # simulation does not run generate: not modelled here (docs/distributed.md §9)
+    policy_scored = "old" in setup.scoring_passes or ("ref" in setup.scoring_passes and setup.is_lora)
+    return {C.GRADIENTS: before, C.GATHERED_PARAMS: kept or forward_gather_bytes(ctx, tail_gathered=policy_scored)}
 
 
 def _optimizer_step(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:
