@@ -17,7 +17,7 @@ bf16 model (≈ 2 × the bf16 model: the all-gather output and the unsharded par
 
 from __future__ import annotations
 
-from ..constants import DTYPE_BYTES, C
+from ..constants import CHUNKED_VOCAB_TILE, DTYPE_BYTES, C
 from ..context import Ctx
 from . import shapes
 from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, shares_of, trainable_total
@@ -59,6 +59,44 @@ def _persistent(ctx: Ctx, sh: Shares) -> dict:
     return _states(ctx, sh)
 
 
+def head_outside_units(ctx: Ctx) -> bool:
+    """FSDP2 + LoRA + an untied head + TRL's fused log-prob head: the lm_head is a unit that is never all-gathered.
+
+    accelerate 1.16 ``utils/fsdp_utils.py`` ``_find_final_norm`` (l. 729-730) looks the backbone up as
+    ``getattr(model, model.base_model_prefix)``; on a PeftModel both names fall through ``PeftModel.__getattr__``
+    / ``LoraModel.__getattr__`` to the CausalLM, so ``getattr(peft_model, "model")`` is the ``LlamaForCausalLM``
+    itself, whose direct children (``model``, ``lm_head``) hold no norm: ``final_norm`` is None and the carved
+    tail (l. 894-898) is ``fully_shard([lm_head], reshard_after_forward=False)`` alone, the final norm going to
+    the root (l. 904). FSDP2 unshards a group in the pre-forward hook of its modules, but TRL 1.16's fused head
+    (``trl/trainer/utils.py`` ``add_fused_lm_head._fused_forward``) never calls ``lm_head.forward``: it reads
+    ``lm_head.weight``, still the sharded DTensor, and ``weight = weight.full_tensor()`` (l. 1637) all-gathers it
+    outside FSDP — in its storage dtype (the frozen base keeps its loaded dtype: accelerate upcasts only
+    ``requires_grad`` parameters, l. 804; ``MixedPrecisionPolicy.param_dtype`` applies to FSDP's own unshard
+    only). Full fine-tuning finds the norm (``getattr(LlamaForCausalLM, "model")`` is the backbone), whose forward
+    unshards the tail in bf16; the materialised path calls ``lm_head.forward``. Read in the rank simulation's
+    trace (rank 0 under a fake group, which runs accelerate's and TRL's code): the PeftModel's lm_head in no unit
+    that gathers, ``logits`` 2521.5 MiB = 2004 fp32 + 2 × 256 bf16 chunk casts (Llama-3.1-8B, N = 8)."""
+    setup = ctx.setup
+    return (setup.distributed == "fsdp2" and setup.is_lora and not ctx.spec.tie_word_embeddings
+            and setup.fsdp_wrap != "none" and setup.logits == "chunked" and not setup.use_liger_kernel)
+
+
+def full_tensor_head_bytes(ctx: Ctx, when: str) -> int:
+    """:func:`head_outside_units`: the lm_head ``full_tensor()`` in its loaded dtype, alive from the fused head's
+    forward through its backward (``_ChunkedLogProbFunction`` saves it), and the ``weight[start:end].to(compute
+    dtype)`` vocabulary-chunk casts of that weight (one in forward, up to two alive in the backward loop: see
+    ``logits.logits_bytes``, which counts them for the compute-dtype weight of the one-GPU parts: none)."""
+    if not head_outside_units(ctx):
+        return 0
+    spec, stored = ctx.spec, _loaded_bytes(ctx)
+    compute = 4 if ctx.setup.cast_lm_head_to_fp32 else BF16
+    chunk_cast = min(spec.vocab_size, CHUNKED_VOCAB_TILE) * spec.hidden_size * compute if stored != compute else 0
+    # the backward's previous chunk copy lives until the next is assigned: two only with a second vocabulary chunk
+    # (Mistral's 32000 rows are one chunk: the simulated head moment stays under the forward's 1249 MiB gathered)
+    copies = 2 if when == "backward" and spec.vocab_size > CHUNKED_VOCAB_TILE else 1
+    return spec.vocab_size * spec.hidden_size * stored + copies * chunk_cast
+
+
 def forward_gather_bytes(ctx: Ctx, tail_gathered: bool = False) -> int:
     """The most unsharded bf16 parameters alive while a forward runs (``param_dtype`` bf16).
 
@@ -86,6 +124,8 @@ def forward_gather_bytes(ctx: Ctx, tail_gathered: bool = False) -> int:
         return spec.num_params * BF16
     blk = shapes.block_params(spec)
     embed_unit, tail = outer_units(spec)
+    if head_outside_units(ctx):  # the tail unit is never gathered (the fused head's full_tensor is logits)
+        tail = 0
     between_blocks = [3 * blk] if spec.num_hidden_layers >= 2 else []
     if spec.tie_word_embeddings and tail_gathered:
         peaks = [tail + 2 * blk] + [tail + b for b in between_blocks]
@@ -124,6 +164,13 @@ def _scoring(version: int):
     def scoring(ctx: Ctx, sh: Shares, one_gpu: dict) -> dict:
         setup, spec = ctx.setup, ctx.spec
         gathered = forward_gather_bytes(ctx)
+        head = full_tensor_head_bytes(ctx, "forward")
+        if head and shapes.block_params(spec) * BF16 + head > gathered:
+            # the fused head's moment: the full_tensor()-ed lm_head, and the last block's all-gather output (no
+            # later unit's wait_for_unshard frees it); the forward's copy-out peak is earlier, not beside it.
+            # Simulated (Llama-3.1-8B, 2 layers, N = 8, LoRA, vLLM's "old" pass): gathered 416.4 MiB, logits
+            # 2264.5 MiB = 2004 fp32 + a 256 MiB chunk cast + the tile
+            return {C.GATHERED_PARAMS: shapes.block_params(spec) * BF16, C.LOGITS: head}
         if "ref" in setup.scoring_passes and not setup.is_lora:
             # the reference pass: FSDP2's root-only wrap gathers the whole model (2 × bf16, measured); FSDP1
             # wraps the reference like the policy
@@ -156,6 +203,9 @@ def _training(ctx: Ctx, sh: Shares, one_gpu: dict, moment: str | None) -> dict:
     blk, vh = shapes.block_params(spec), spec.vocab_size * spec.hidden_size
     embed_unit, tail = outer_units(spec)
     tied = spec.tie_word_embeddings
+    head_gathered_outside = head_outside_units(ctx)
+    if head_gathered_outside:  # no tail unit gathers: the lm_head is full_tensor()-ed in the fused head
+        tail = 0
     accumulating = setup.gradient_accumulation_steps > 1
     n = sh.world_size
     if setup.offload_params:
@@ -182,6 +232,8 @@ def _training(ctx: Ctx, sh: Shares, one_gpu: dict, moment: str | None) -> dict:
     tail_kept = tail if tied else 0  # the tied tail stays unsharded through the whole backward
     if moment == "head":  # the log-prob backward; the last block is all-gathered for its backward
         parts = {C.GRADIENTS: before, C.GATHERED_PARAMS: kept or (tail + blk) * BF16}
+        if head_gathered_outside:
+            parts[C.LOGITS] = full_tensor_head_bytes(ctx, "backward")
         if not tied and not setup.is_lora:
             # untied, the lm_head's bf16 gradient is the tail's reduce-scatter input right here (the chunked
             # log-prob backward's grad_weight.to(bf16) is counted in logits: moved, not added)
