@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytest_gpumem import GRPOSetup, estimate
-from pytest_gpumem.compare.realworld import check_all, component_tally, markdown
+from pytest_gpumem.compare.realworld import check_all, component_tally, markdown, summary_markdown
 from pytest_gpumem.errors import SetupError
 from pytest_gpumem.predict.analytic.activations import recomputed_layer
 from pytest_gpumem.predict.analytic.context import Ctx
@@ -68,6 +68,15 @@ def test_reported_peaks_are_not_under_predicted(rows):
 def test_docs_table_is_the_generated_one(rows):
     text = (ROOT / "docs" / "accuracy.md").read_text(encoding="utf-8")
     assert markdown(*rows) in text, "docs/accuracy.md is stale: run python benchmarks/realworld.py --write-docs"
+
+
+def test_readme_summary_is_the_generated_one(rows):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    summary = summary_markdown(*rows)
+    assert summary in text, "README.md is stale: run python benchmarks/realworld.py --write-docs"
+    startup, _ = rows
+    for label, (ok, n) in component_tally(startup).items():  # the summary says what the rows say
+        assert f"| {label} | {ok} / {n} |" in summary
 
 
 # -- the mechanisms behind the numbers, each on its own ----------------------------------------------------
