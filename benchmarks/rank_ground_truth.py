@@ -34,23 +34,15 @@ if len(sys.argv) > 1:  # e.g. `python benchmarks/rank_ground_truth.py 5`: only t
 
 
 def main() -> int:
-    from torch.profiler import ProfilerActivity, profile
-
     print("N  setup                           simulated B      allocator B   sim - alloc   real-tensor tracker - alloc")
     for world_size, changes in CASES:
         setup = GRPOSetup.coerce({**SMALL, **changes})
-        plan = ShardingPlan(world_size=world_size)
         started = time.perf_counter()
-        fake = replay.Replay(setup, setup.model_spec, sharding=plan, round_bytes=False)
-        replay.run(fake)
-        profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        real = replay.Replay(setup, setup.model_spec, sharding=plan, round_bytes=False, real_tensors=True,
-                             observer=profiler)
-        replay.run(real)
-        allocator = real.base_bytes + cpu_allocator_peak_bytes(profiler)
+        simulated, real_tracker, allocator = replay.against_allocator(
+            setup, ShardingPlan(world_size=world_size), cpu_allocator_peak_bytes)
         label = ", ".join(f"{k}={v}" for k, v in changes.items()) or "defaults"
-        print(f"{world_size:<2} {label:30s} {fake.tracker.max_bytes:14,d} {allocator:14,d} "
-              f"{fake.tracker.max_bytes - allocator:+12,d} {real.tracker.max_bytes - allocator:+12,d}"
+        print(f"{world_size:<2} {label:30s} {simulated:14,d} {allocator:14,d} "
+              f"{simulated - allocator:+12,d} {real_tracker - allocator:+12,d}"
               f"   ({time.perf_counter() - started:.0f} s)", flush=True)
     return 0
 

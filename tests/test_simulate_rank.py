@@ -93,22 +93,13 @@ def test_tracker_resize_releases_and_reallocates():
 def test_simulation_equals_the_cpu_allocator_running_the_same_step(world_size, changes):
     """Fake tensors + the tracker against real (uninitialised) CPU tensors + the allocator's own events, same
     step, same fake process group: the FSDP2 per-rank accounting is the allocator's."""
-    from torch.profiler import ProfilerActivity, profile
-
     from pytest_gpumem.predict.faketensor import replay
 
     setup = GRPOSetup.coerce({**SMALL, **changes})
-    plan = ShardingPlan(world_size=world_size)
-    fake = replay.Replay(setup, setup.model_spec, sharding=plan, round_bytes=False)
-    replay.run(fake)
-    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    real = replay.Replay(setup, setup.model_spec, sharding=plan, round_bytes=False, real_tensors=True,
-                         observer=profiler)
-    replay.run(real)
-    allocator_peak = real.base_bytes + cpu_allocator_peak_bytes(profiler)
-    assert abs(fake.tracker.max_bytes - allocator_peak) <= GROUND_TRUTH_BOUND_BYTES, (
-        fake.tracker.max_bytes, allocator_peak)
-    assert real.tracker.max_bytes == allocator_peak  # on real tensors the tracker sees every byte
+    simulated_peak, real_tracker_peak, allocator_peak = replay.against_allocator(
+        setup, ShardingPlan(world_size=world_size), cpu_allocator_peak_bytes)
+    assert abs(simulated_peak - allocator_peak) <= GROUND_TRUTH_BOUND_BYTES, (simulated_peak, allocator_peak)
+    assert real_tracker_peak == allocator_peak  # on real tensors the tracker sees every byte
 
 
 def _local_bytes(shape, world_size, bytes_per_element=4):

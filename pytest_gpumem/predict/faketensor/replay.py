@@ -200,3 +200,22 @@ def _shard(state: Replay, fake_mode, mesh, policy, reference):
         f"{accelerator.state.fsdp_plugin.mixed_precision_policy}), "
         + ("the reference by TRL's root-only prepare_fsdp" if reference is not None else "no reference model"))
     return policy, reference
+
+
+def against_allocator(setup: GRPOSetup, sharding: ShardingPlan,
+                      allocator_peak_bytes: Callable[[object], int]) -> tuple[int, int, int]:
+    """The rank simulation's ground truth (tests/test_simulate_rank.py, benchmarks/rank_ground_truth.py): the
+    same step as rank 0 of ``sharding`` on fake tensors (the simulation) and on real (uninitialised) CPU tensors
+    under ``torch.profiler.profile(profile_memory=True)``. Returns (simulated peak, real-tensor tracker peak,
+    allocator peak), sizes unrounded; the allocator's is the models built before the profile started plus
+    ``allocator_peak_bytes(profiler)`` — the caller passes ``measure.profiling.cpu_allocator_peak_bytes``,
+    which this layer may not import."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fake = Replay(setup, setup.model_spec, sharding=sharding, round_bytes=False)
+    run(fake)
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    real = Replay(setup, setup.model_spec, sharding=sharding, round_bytes=False, real_tensors=True,
+                  observer=profiler)
+    run(real)
+    return fake.tracker.max_bytes, real.tracker.max_bytes, real.base_bytes + allocator_peak_bytes(profiler)
