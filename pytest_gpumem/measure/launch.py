@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from ..backends import run_label
 from ..errors import GpuMemError
 from ..spec import GRPOSetup
-from .protocol import DEVICES, STATUSES, RunResult
+from .protocol import DEVICES, STATUSES, RunResult, rank_result_name
 from .runner import DEFAULT_TIMEOUT_S, ProgressCallback, _child_environment, _run_child, skip_reason
 from .runner import run as run_one
 
@@ -118,11 +118,6 @@ def run_ranks(setup: GRPOSetup | Mapping | str | Path, nproc: int, steps: int = 
         if not keep_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
     return merge_ranks(per_rank, {**base, **outcome})
-
-
-def rank_result_name(rank: int) -> str:
-    """The file rank ``rank`` writes its result to, beside the request's ``result.json``."""
-    return f"result.rank{rank}.json"
 
 
 def _read_rank(work_dir: Path, rank: int) -> dict[str, Any] | None:

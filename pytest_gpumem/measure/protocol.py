@@ -33,6 +33,12 @@ FAULTS = ("exit-early", "segv-early", "hang-early", "raise-early", "oom-in-gener
 MEASURED_FIELDS = ("peak_reserved_bytes", "peak_allocated_bytes", "nvml_peak_bytes", "non_torch_bytes")
 
 
+def rank_result_name(rank: int) -> str:
+    """The file rank ``rank`` of a launched run (``launch.run_ranks``) writes its result to, beside the request's
+    ``result.json``: the child writes it, the launcher reads it."""
+    return f"result.rank{rank}.json"
+
+
 def progress_line(seconds: float, message: str, stage: str) -> str:
     """One progress line as the child prints it."""
     return PROGRESS_PREFIX + json.dumps({"t": round(seconds, 2), "message": message, "stage": stage})

@@ -1,7 +1,7 @@
 """A measurement child that is one rank of ``accelerate launch`` (``measure.launch``): which rank it is, where it
 writes its result, its GPU, and the CPU-only FSDP fix.
 
-* Each rank writes ``result.rank<RANK>.json`` beside the request's result path (``launch.rank_result_name``).
+* Each rank writes ``result.rank<RANK>.json`` beside the request's result path (``protocol.rank_result_name``).
 * On GPUs, each rank sees only its own device (``CUDA_VISIBLE_DEVICES`` = its entry, ``LOCAL_RANK`` = 0): the
   child's measurements (allocator, NVML, snapshots) all read device 0, which is then that rank's GPU.
 * accelerate 1.16's ``AcceleratorState`` turns FSDP on only for GPU-type process groups (``state.py``: the
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..nvml import nvml_device_count, visible_device_entries
+from ..protocol import rank_result_name
 
 
 def rank_of(request: dict[str, Any]) -> int | None:
@@ -28,7 +29,7 @@ def rank_of(request: dict[str, Any]) -> int | None:
 
 def result_path_for(request: dict[str, Any], result_path: Path) -> Path:
     rank = rank_of(request)
-    return result_path if rank is None else result_path.parent / f"result.rank{rank}.json"
+    return result_path if rank is None else result_path.parent / rank_result_name(rank)
 
 
 def isolate_gpu(request: dict[str, Any]) -> None:
