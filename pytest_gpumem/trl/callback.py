@@ -359,7 +359,6 @@ class GpuMemCallback(TrainerCallback):
         """Add one measured step to the slope (:mod:`pytest_gpumem.trl.slope`); returns the warning the first time
         the projected peak at ``max_completion_length`` crosses the card, else None."""
         self.slope.observe(tokens_per_micro_batch, peak_allocated_bytes)
-        gap = 0
         if peak_reserved_bytes is not None:
             gap = peak_reserved_bytes - peak_allocated_bytes  # cached but unallocated: fragmentation
             # the device figure beyond PyTorch's reservation (CUDA context, other processes); the estimate's
