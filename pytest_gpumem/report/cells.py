@@ -103,6 +103,11 @@ class RoleRow:
         return self.budget_bytes - (self.measured_bytes if self.measured_bytes is not None else self.peak_bytes)
 
     @property
+    def top_text(self) -> str:
+        """The peak phase's largest components as every format prints them: ``"weights 1.00 GiB, ..."``."""
+        return ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in self.top)
+
+    @property
     def mark(self) -> str:
         return "← worst training GPU" if self.worst else ("CPU" if self.host else "")
 

@@ -279,14 +279,13 @@ def _roles_html(result: Mapping[str, Any]) -> str:
            "<th>Phase</th><th>Measured</th><th>Headroom</th><th>Largest components</th><th></th></tr></thead><tbody>"]
     for row in rows:
         over = row.over
-        top = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in row.top)
         out.append(f'<tr class="role{" over" if over else ""}"><td>{_attr(row.role)}</td>'
                    f'<td class="num">{_attr("—" if row.gpus is None else row.gpus)}</td>'
                    f'<td class="num">{_attr(row.budget_text or gib_or_dash(row.budget_bytes))}</td>'
                    f'<td class="num">{_attr(format_gib(row.peak_bytes))}</td><td>{_attr(row.peak_phase)}</td>'
                    f'<td class="num">{_attr(gib_or_dash(row.measured_bytes))}</td>'
                    f'<td class="num" style="color:{VERDICT_COLOURS["failed" if over else "passed"]}">'
-                   f'{_attr(signed_or_dash(row.headroom_bytes))}</td><td>{_attr(top)}</td>'
+                   f'{_attr(signed_or_dash(row.headroom_bytes))}</td><td>{_attr(row.top_text)}</td>'
                    f"<td>{_attr(row.note)}</td></tr>")
     out.append("</tbody></table>")
     return "".join(out)

@@ -65,7 +65,7 @@ def _per_test_tables(results: Sequence[Mapping[str, Any]], title: str, intro: st
 def _roles_table(result: Mapping[str, Any]) -> tuple[str, str, list[tuple]] | None:
     rows = [(row.role, "—" if row.gpus is None else row.gpus, row.budget_text or gib_or_dash(row.budget_bytes),
              f"{gib_or_dash(row.peak_bytes)} ({row.peak_phase})", gib_or_dash(row.measured_bytes),
-             signed_or_dash(row.headroom_bytes), ", ".join(f"{name} {gib_or_dash(b)}" for name, b in row.top),
+             signed_or_dash(row.headroom_bytes), row.top_text,
              ("❌ " if row.over else "") + row.note) for row in cells.record_role_rows(result)]
     return ("| Role | GPUs | Budget | Predicted peak | Measured | Headroom | Largest components | |",
             "|---|---:|---:|---:|---:|---:|---|---|", rows) if rows else None

@@ -73,7 +73,7 @@ def role_rows_table(rows: Sequence[RoleRow], worst_role: str | None) -> str:
             row += ("-" if one.measured_bytes is None else format_gib(one.measured_bytes),)
         if judged:
             row += (format_gib(one.budget_bytes), format_gib(one.headroom_bytes)) if one.budget_bytes else ("-", "-")
-        table.append(row + (", ".join(f"{c} {format_gib(b)}" for c, b in one.top), one.mark))
+        table.append(row + (one.top_text, one.mark))
     numbers = {1, 2} | ({4} if with_measured else set())
     if judged:
         numbers |= {len(header) - 4, len(header) - 3}
