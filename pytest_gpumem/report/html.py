@@ -351,7 +351,9 @@ def _setup_facts(setup: Mapping[str, Any] | None) -> str:
 def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memory (pytest-gpumem)") -> str:
     """One self-contained HTML document (inline CSS and SVG; no script, no external resource)."""
     results = list(results)
-    extra = _ROLES_CSS if any(record_role_rows(r) or _origins_html(r) for r in results) else ""
+    # each test's roles and origins, rendered once: they also decide whether the report needs their CSS
+    role_parts = [_roles_html(r) + _origins_html(r) for r in results]
+    extra = _ROLES_CSS if any(role_parts) else ""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{_attr(title)}</title><style>{_CSS}{extra}</style></head><body>",
@@ -389,7 +391,7 @@ def render_html(results: Sequence[Mapping[str, Any]], *, title: str = "GPU memor
                    f'<span style="color:{VERDICT_COLOURS.get(verdict, "#1f2328")}">{_attr(verdict)}</span></h3>'
                    f'<div class="facts">{_attr(" · ".join(facts))}</div>'
                    f'<div class="facts">{_attr(_setup_facts(result.get("setup")))}</div>{detail_svg(result)}'
-                   f"{_roles_html(result)}{_origins_html(result)}")
+                   f"{role_parts[index]}")
         if reasons:
             out.append('<div class="facts">not measured: ' + _attr("; ".join(f"{k}: {v}" for k, v in reasons.items()))
                        + "</div>")
