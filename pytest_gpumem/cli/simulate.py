@@ -37,19 +37,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"gpumem simulate: {line}", file=sys.stderr, flush=True)
 
     result = run_simulation(setup, gpu=args.gpu, top_tensors=args.top, progress=None if args.quiet else progress)
-    whole = None
+    whole, fits = None, True  # no card: no verdict, exit 0
     if result.gpu is not None:
         estimated = estimate(setup, gpu=result.gpu)
         whole = whole_step(result.breakdown, estimated.breakdown)
+        fits = _fits(whole, estimated)
     if args.json:
         data = result.to_dict()
         if whole is not None:
-            data["whole_step"] = {**whole.to_dict(), "fits": _fits(whole, estimated), "note":
+            data["whole_step"] = {**whole.to_dict(), "fits": fits, "note":
                                   origin_note(whole, result.breakdown)}
-            data["fits"] = data["whole_step"]["fits"]
+            data["fits"] = fits
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0 if whole is None or data["fits"] else 1
+        return 0 if fits else 1
     spec = result.model
     header = (f"{spec.name}: {spec.num_params / 1e9:.2f}B params ({spec.model_type}), simulated on CPU "
               f"(FakeTensorMode) in {result.elapsed_seconds:.1f} s, b={setup.per_device_train_batch_size} "
@@ -59,12 +60,11 @@ def run(args: argparse.Namespace) -> int:
     details += [f"  {format_gib(tensor['bytes']):>12}  {tensor['component']:<22} {tensor['name']}: "
                 f"{tensor['op']} {tuple(tensor['shape'])} {tensor['dtype']}" for tensor in result.peak_tensors()]
     if whole is not None:
-        fits = _fits(whole, estimated)
         details += ["", "whole step on the card (simulated torch tensors + the estimate's parts, see origin):",
                     breakdown_table(whole, total_bytes=result.gpu.total_bytes), origin_note(whole, result.breakdown),
                     f"{'FITS' if fits else 'DOES NOT FIT'} on {result.gpu.name} ({format_gib(result.gpu.total_bytes)})"]
     print_result(result, False, header, details, show_verdict=False)
-    return 0 if whole is None or _fits(whole, estimated) else 1
+    return 0 if fits else 1
 
 
 def _fits(whole, estimated) -> bool:
