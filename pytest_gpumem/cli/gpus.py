@@ -7,6 +7,7 @@ import json
 
 from ..gpus import known_gpus
 from ..report.text import columns
+from ..units import format_gib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [["card", "memory", "type any of"]]
     for entry in ordered:
         source = "" if entry["source"] == "torch" else f" ({entry['source']})"
-        rows.append([entry["card"], f"{entry['total_bytes'] / 2**30:.2f} GiB{source}", ", ".join(entry["names"])])
+        rows.append([entry["card"], format_gib(entry["total_bytes"]) + source, ", ".join(entry["names"])])
     print("\n".join(columns(rows, right=lambda column: column == 1)))
     print("memory: the total torch reports on the card; names are case- and punctuation-insensitive "
           "(A100-80GB = a100 80gb); the card name itself works too; or give a size: --gpu 24GiB")
