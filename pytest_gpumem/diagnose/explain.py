@@ -150,8 +150,7 @@ class Diagnosis:
         return data
 
     def _role_breakdown(self) -> Any:
-        breakdown = self.estimate.breakdown
-        return breakdown.role(self.role) if self.role in breakdown.roles else breakdown
+        return _role_view(self.estimate.breakdown, self.role)
 
     def render(self) -> str:
         """The human-readable explanation (what ``gpumem explain`` prints)."""
@@ -250,7 +249,7 @@ def diagnose(text: str, setup: Any = None, gpu: Any = None, *, headroom: float =
                      f"(vllm_server_gpu_memory_utilization={setup.vllm_server_gpu_memory_utilization}); its GPUs must "
                      "be free of other processes (a trainer rank placed on them?)")
     result = estimate(setup, gpu)
-    shown = result.breakdown.role(role) if role in result.breakdown.roles else result.breakdown
+    shown = _role_view(result.breakdown, role)
     predicted = phase.phase if phase.phase in shown.phases else None
     if predicted is None:
         predicted = _PERSISTENT_PHASE if phase.phase == "vllm_startup" else shown.peak_phase
@@ -264,6 +263,11 @@ def diagnose(text: str, setup: Any = None, gpu: Any = None, *, headroom: float =
         levers = rank_levers(result, gpu, headroom=headroom, phase=predicted)
     notes.extend(_setup_notes(message, result, gpu, shown))
     return Diagnosis(message, phase, result, predicted, tensor, tuple(levers), tuple(notes), role, evidence)
+
+
+def _role_view(breakdown: Any, role: str | None) -> Any:
+    """The breakdown of the role that ran out: that role's, or the whole one (one GPU, or no role known)."""
+    return breakdown.role(role) if role in breakdown.roles else breakdown
 
 
 #: a vLLM process's log prefix (V1's engine core, its workers, the API server) and torchrun's rank prefix
