@@ -35,6 +35,15 @@ def check_run_completed(record: Mapping[str, Any], spec: BudgetSpec | None = Non
     return message
 
 
+def _largest_parts(components: Mapping[str, int], origins: Mapping[str, str] | None = None,
+                   labelled: str = "estimate") -> str:
+    """The peak phase's three largest components, as a failure prints them; with ``origins``, each one's origin
+    (``labelled``, the breakdown's own source, where none is given)."""
+    top = sorted(components.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    return ", ".join(f"{name} {format_gib(num_bytes)}" + (f" [{origins.get(name, labelled)}]" if origins is not None
+                                                           else "") for name, num_bytes in top)
+
+
 def check_peak_within_budget(record: Mapping[str, Any], spec: BudgetSpec | None = None) -> str | None:
     """The judged peak must not exceed the budget."""
     budget = record.get("budget_bytes")
@@ -46,13 +55,9 @@ def check_peak_within_budget(record: Mapping[str, Any], spec: BudgetSpec | None 
     phase, parts = None, ""
     if source:
         phase = source.get("peak_phase")
-        components = source.get("phases", {}).get(phase, {})
-        top = sorted(components.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         origins = (source.get("origins") or {}).get(phase) if source.get("origins") else None
-        labelled = source.get("source", "estimate")  # simulate mode's whole step labels each part's origin
-        parts = ", ".join(f"{name} {format_gib(num_bytes)}"
-                          + (f" [{origins.get(name, labelled)}]" if origins is not None else "")
-                          for name, num_bytes in top)
+        # simulate mode's whole step labels each part's origin
+        parts = _largest_parts(source.get("phases", {}).get(phase, {}), origins, source.get("source", "estimate"))
     where = f" in the {PHASE_WORDS.get(phase, phase)}" if phase else ""
     gpu = record.get("gpu") or {}
     limit = (f"the {record.get('budget_text')} of the {gpu['name']}"
@@ -72,8 +77,7 @@ def check_roles_within_budget(record: Mapping[str, Any], spec: BudgetSpec | None
         if not predicted or predicted["peak_bytes"] <= budget["budget_bytes"]:
             continue
         phase = predicted.get("peak_phase")
-        top = sorted(predicted["phases"].get(phase, {}).items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-        parts = ", ".join(f"{name} {format_gib(num_bytes)}" for name, num_bytes in top)
+        parts = _largest_parts(predicted["phases"].get(phase, {}))
         failures.append(f"{role}: predicted peak {format_gib(predicted['peak_bytes'])} in the "
                         f"{PHASE_WORDS.get(phase, phase)} exceeds its {budget['budget_text']} budget by "
                         f"{format_gib(predicted['peak_bytes'] - budget['budget_bytes'])}: {parts}")
