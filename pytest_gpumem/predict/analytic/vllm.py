@@ -118,17 +118,18 @@ def sampler_bytes_per_logit(vllm_version: str, max_num_seqs: int) -> int:
     return 2 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + 8
 
 
-def activation_peak(ctx: Ctx) -> int:
+def activation_peak(ctx: Ctx, tp: int = 1, rows: int | None = None, tokens: int | None = None) -> int:
     """The profile run's peak above the weights: one dummy forward of ``max_num_batched_tokens`` tokens (the
     MLP's gate/up outputs and activation, 3·I, plus norms/attention, 4·h, in 16 bit — checked against the
     measured 0.32 GiB at 4096 tokens for a 7.56 GiB model, docs/memory-model.md §3), or the sampler run over
     ``max_num_seqs`` rows (:func:`sampler_bytes_per_logit`) with the forward's hidden states (tokens × h × 2)
-    still held, whichever is larger."""
+    still held, whichever is larger. On a rank of a tensor-parallel group of ``tp`` the MLP intermediate is split
+    1/T (``rows`` / ``tokens`` default to the setup's max_num_seqs / max_num_batched_tokens)."""
     spec, setup = ctx.spec, ctx.setup
     intermediate = spec.moe_intermediate_size * spec.num_experts_per_tok if spec.is_moe else spec.intermediate_size
-    tokens = setup.vllm_max_num_batched_tokens
-    rows = setup.vllm_max_num_seqs
-    forward = tokens * (3 * intermediate + 4 * spec.hidden_size) * 2
+    tokens = setup.vllm_max_num_batched_tokens if tokens is None else tokens
+    rows = setup.vllm_max_num_seqs if rows is None else rows
+    forward = tokens * (3 * (intermediate // tp) + 4 * spec.hidden_size) * 2
     sampler = rows * spec.vocab_size * sampler_bytes_per_logit(setup.vllm_version, rows) \
         + tokens * spec.hidden_size * 2
     return max(forward, sampler)

@@ -115,12 +115,7 @@ def activation_peak(ctx: Ctx, tp: int, rows: int, tokens: int) -> int:
     (:func:`.vllm.sampler_bytes_per_logit`, by vLLM version) with the forward's hidden states held, whichever is
     larger. T = 1 with the setup's max_num_seqs / max_num_batched_tokens is the one-GPU figure, and
     tests/test_vllm_parallel.py holds it there."""
-    spec = ctx.spec
-    inter = spec.moe_intermediate_size * spec.num_experts_per_tok if spec.is_moe else spec.intermediate_size
-    forward = tokens * (3 * (inter // tp) + 4 * spec.hidden_size) * 2
-    sampler = rows * spec.vocab_size * vllm.sampler_bytes_per_logit(ctx.setup.vllm_version, rows) \
-        + tokens * spec.hidden_size * 2
-    return max(forward, sampler)
+    return vllm.activation_peak(ctx, tp, rows, tokens)
 
 
 def graphs_inside_budget(ctx: Ctx) -> bool:
