@@ -64,10 +64,10 @@ def is_sharded(distributed: str) -> bool:
 def resolve(setup: Any, set_field: Any, hidden_size: int) -> None:
     """Fill and check the multi-GPU fields of ``setup`` (``set_field(setup, name, value)`` writes one)."""
     explicit = setup.explicit_fields
-    world_size = _whole(setup, "world_size", 1, 1, "world_size is the number of training processes (GPUs), "
-                                                   "accelerate's num_processes: e.g. world_size=8")
+    world_size = whole_field(setup, "world_size", 1, 1, "world_size is the number of training processes (GPUs), "
+                                                        "accelerate's num_processes: e.g. world_size=8")
     set_field(setup, "world_size", world_size)
-    machines = _whole(setup, "num_machines", 1, 1, "num_machines is the number of nodes, e.g. 1")
+    machines = whole_field(setup, "num_machines", 1, 1, "num_machines is the number of nodes, e.g. 1")
     set_field(setup, "num_machines", machines)
     if world_size % machines:
         raise SetupError("num_machines", f"world_size {world_size} is not divisible by num_machines {machines} "
@@ -111,12 +111,12 @@ def resolve(setup: Any, set_field: Any, hidden_size: int) -> None:
         if value == "auto" and name in auto:
             set_field(setup, name, auto[name])
             continue
-        set_field(setup, name, _whole(setup, name, None, 0, f"{name} is a number of elements, e.g. 5e8 "
-                                                            "(DeepSpeed's default)" + (" or 'auto'" if name in auto
-                                                                                       else "")))
+        fix = f"{name} is a number of elements, e.g. 5e8 (DeepSpeed's default)" + (" or 'auto'" if name in auto else "")
+        set_field(setup, name, whole_field(setup, name, None, 0, fix))
 
 
-def _whole(setup: Any, name: str, default: int | None, minimum: int, fix: str) -> int:
+def whole_field(setup: Any, name: str, default: int | None, minimum: int, fix: str) -> int:
+    """``setup.name`` (``default`` when None) as an int ≥ ``minimum`` (5e8 read as 5 × 10⁸), else a SetupError."""
     value = getattr(setup, name)
     if value is None:
         value = default

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .distributed import whole_field
 from .errors import SetupError
 from .gpus import GPU, resolve_gpu
 
@@ -145,12 +146,6 @@ def _divisors(number: int) -> list[str]:
 
 
 def _whole(setup: Any, name: str, fix: str) -> int:
-    value = getattr(setup, name)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SetupError(name, f"must be a whole number, got {value!r}", fix=fix)
-    if value < 1:
-        raise SetupError(name, f"must be ≥ 1, got {value}", fix=fix)
+    value = whole_field(setup, name, None, 1, fix)
     object.__setattr__(setup, name, value)
     return value
