@@ -11,6 +11,7 @@ from ....spec import OPTIMIZERS
 from ....vllm_layout import is_server, server_gpus
 from ..constants import C, P
 from ..context import Ctx
+from ..params import trainable_params
 
 #: NCCL communicator buffers per rank, non-torch: ≈ 544 MB for a 2-GPU communicator and 688 MB for more than 2
 #: GPUs on A100 (NVIDIA/nccl#964, measured by the reporter with nvidia-smi; docs/distributed.md §3)
@@ -72,7 +73,7 @@ def nccl_bytes(world_size: int) -> int:
 def shares_of(ctx: Ctx, rank: int, params: int, trainable: int | None = None) -> Shares:
     """Rank ``rank``'s :class:`Shares`: ``params`` of the policy's parameters, ``trainable`` of the trained ones
     (default: all of them — nothing partitioned)."""
-    total = trainable_total(ctx)
+    total = trainable_params(ctx)
     return Shares(world_size=ctx.setup.world_size, rank=rank, params=params,
                   trainable=total if trainable is None else trainable, trainable_total=total)
 
@@ -86,10 +87,6 @@ def rank0_server_nccl_bytes(ctx: Ctx, shares: Shares) -> int:
     if shares.rank != 0 or not is_server(setup):
         return 0
     return nccl_bytes(server_gpus(setup) + 1)
-
-
-def trainable_total(ctx: Ctx) -> int:
-    return ctx.lora_params if ctx.setup.is_lora else ctx.spec.num_params
 
 
 def role_ranks(world_size: int) -> dict[str, int]:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from ..constants import CHUNKED_VOCAB_TILE, DTYPE_BYTES, C
 from ..context import Ctx
+from ..params import trainable_params
 from . import shapes
-from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, shares_of, trainable_total
+from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, shares_of
 
 BF16 = 2
 FP32 = 4
@@ -31,7 +32,7 @@ def _shares(version: int):
         n, spec = ctx.setup.world_size, ctx.spec
         # FSDP2 chunks each parameter on dim 0; FSDP1 pads one FlatParameter per unit
         params = (shapes.fsdp_shard_params(spec, n, rank) if version == 2 else shapes.flat_shard(spec.num_params, n))
-        lora = shapes.flat_shard(trainable_total(ctx), n) if ctx.setup.is_lora else None
+        lora = shapes.flat_shard(trainable_params(ctx), n) if ctx.setup.is_lora else None
         return shares_of(ctx, rank, params, params if lora is None else lora)
     return shares
 

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 from ..constants import C
 from ..context import Ctx
+from ..params import trainable_params
 from . import shapes
-from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, shares_of, trainable_total
+from .base import Shares, Strategy, foreach_temp, optimizer_state_bytes_per_element, shares_of
 
 BF16 = 2
 FP32 = 4
@@ -50,7 +51,7 @@ def _shares(stage: int):
         params = spec.num_params
         if stage == 3:  # every parameter's partition, plus the small ones whole
             params = shapes.flat_shard(spec.num_params, n) + shapes.persistent_params(spec)
-        return shares_of(ctx, rank, params, shapes.flat_shard(trainable_total(ctx), n))
+        return shares_of(ctx, rank, params, shapes.flat_shard(trainable_params(ctx), n))
     return shares
 
 
