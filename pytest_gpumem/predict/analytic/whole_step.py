@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from ...breakdown import Breakdown, Component
 from ...units import format_gib
-from .constants import ALLOCATOR_SLACK_FRACTION, NOT_TORCH_ALLOCATED, P
+from .constants import P
+from .phases import with_slack
 
 SIMULATE = "simulate"
 ESTIMATE = "estimate"
@@ -32,7 +33,7 @@ FROM_ESTIMATE = frozenset({Component.CUDA_CONTEXT.value, Component.GENERATE_KV_C
 
 def whole_step(simulated: Breakdown, estimated: Breakdown) -> Breakdown:
     """``simulated``'s phases completed with ``estimated``'s :data:`FROM_ESTIMATE` components of the same
-    phase, the allocator slack (``ALLOCATOR_SLACK_FRACTION`` of the phase's torch bytes, as the estimate
+    phase, the allocator slack (:func:`.phases.with_slack` on the phase's torch bytes, as the estimate
     computes it) added, and the phases the simulation does not produce (generation) taken from the estimate
     whole. ``source="simulate"``; ``origins`` marks every component the estimate supplied."""
     phases: dict[str, dict[str, int]] = {}
@@ -48,9 +49,7 @@ def whole_step(simulated: Breakdown, estimated: Breakdown) -> Breakdown:
         added = {name: num_bytes for name, num_bytes in estimated.components(source_phase).items()
                  if name in FROM_ESTIMATE}
         parts.update(added)
-        torch_bytes = sum(v for k, v in parts.items() if k not in NOT_TORCH_ALLOCATED)
-        parts[Component.ALLOCATOR_SLACK.value] = int(torch_bytes * ALLOCATOR_SLACK_FRACTION)
-        phases[phase] = parts
+        phases[phase] = with_slack(parts)
         origins[phase] = {name: ESTIMATE for name in (*added, Component.ALLOCATOR_SLACK.value)}
     return Breakdown(phases=phases, source=SIMULATE, largest_tensors=simulated.largest_tensors, origins=origins)
 
