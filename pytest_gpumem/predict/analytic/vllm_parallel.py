@@ -42,11 +42,11 @@ from __future__ import annotations
 
 from ...gpus import GPU, resolve_gpu
 from ...units import MIB, format_gib
-from ...vllm_layout import is_server, server_batch_defaults, server_gpus
+from ...vllm_layout import is_server, server_batch_defaults
 from . import vllm
 from .constants import CUDA_CONTEXT_BYTES, VLLM_CUDA_GRAPH_BYTES, VLLM_NON_TORCH_BYTES, C, P
 from .context import Ctx
-from .parallel.base import nccl_bytes
+from .parallel.base import nccl_bytes, transfer_group_nccl_bytes
 from .parallel.shapes import largest_param
 
 #: CustomAllreduce per rank: meta (meta_size ≈ 0 + 8 MiB) + IPC buffer 8 MiB + rank_data 8 MiB
@@ -236,7 +236,7 @@ def server_sync_adjuster(ctx: Ctx, rank: int, base=None):
     setup = ctx.setup
     chunk = packed_chunk_bytes(ctx)
     copies = gathers_copies(ctx)
-    transfer_group = nccl_bytes(server_gpus(setup) + 1) if base is None else 0
+    transfer_group = transfer_group_nccl_bytes(setup) if base is None else 0
 
     def adjust(phase: str, parts: dict, moment: str | None = None) -> dict:
         parts = base(phase, parts, moment) if base is not None else dict(parts)
@@ -302,7 +302,7 @@ def server_phases(ctx: Ctx) -> dict[str, dict[str, int]]:
         notes.warnings.append(f"vllm_server_data_parallel_size={dp} with a dense model: trl 1.16 says D > 1 for dense "
                               "models 'is not supported/useful and will error out (see vLLM PR #30739)' "
                               "(trl/scripts/vllm_serve.py); the per-GPU figures assume it runs")
-    base = {C.CUDA_CONTEXT: CUDA_CONTEXT_BYTES, **reservation, C.NCCL_BUFFERS: nccl_bytes(tp * dp + 1)}
+    base = {C.CUDA_CONTEXT: CUDA_CONTEXT_BYTES, **reservation, C.NCCL_BUFFERS: transfer_group_nccl_bytes(setup)}
     activations = base.pop(C.VLLM_ACTIVATIONS)
     received = PACKED_NUM_BUFFERS * packed_chunk_bytes(ctx)
     moment = {C.VLLM_ACTIVATIONS: activations} if activations >= received else {C.VLLM_WEIGHT_SYNC: received}

@@ -83,9 +83,13 @@ def rank0_server_nccl_bytes(ctx: Ctx, shares: Shares) -> int:
     vLLM workers as an extra rank; it is rank 0", trl 1.16 ``VLLMClient.init_communicator``, called under
     ``if accelerator.is_main_process`` in ``vllm_generation.py``) — one more NCCL communicator on rank 0 only,
     of the server's T × D workers + 1."""
-    setup = ctx.setup
-    if shares.rank != 0 or not is_server(setup):
+    if shares.rank != 0 or not is_server(ctx.setup):
         return 0
+    return transfer_group_nccl_bytes(ctx.setup)
+
+
+def transfer_group_nccl_bytes(setup) -> int:
+    """The weight-transfer group's NCCL communicator: the server's T × D workers + the trainer's rank 0."""
     return nccl_bytes(server_gpus(setup) + 1)
 
 
