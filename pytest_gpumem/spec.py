@@ -12,7 +12,7 @@ import difflib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from . import distributed as dist
 from . import launch_config
@@ -205,8 +205,8 @@ class GRPOSetup:
         except ValueError as exc:
             raise SetupError("setup", f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {exc}",
                              fix="fix the syntax; see examples/setups/ for valid files") from None
-        if launch_config.is_deepspeed_json(data):
-            return cls._from_launch_file(path, overrides)
+        if launch_config.is_deepspeed_json(data):  # already parsed: not read a second time
+            return cls._from_launch_file(path, overrides, lambda: launch_config.from_deepspeed(data, path))
         if isinstance(data, Mapping) and isinstance(data.get("model"), str):
             model_path = (path.parent / data["model"])
             if data["model"].startswith((".", "/")) and model_path.exists():
@@ -214,12 +214,13 @@ class GRPOSetup:
         return cls.from_dict({**data, **overrides} if overrides and isinstance(data, Mapping) else data)
 
     @classmethod
-    def _from_launch_file(cls, path: Path, overrides: Mapping[str, Any]) -> "GRPOSetup":
+    def _from_launch_file(cls, path: Path, overrides: Mapping[str, Any],
+                          settings: Callable[[], dict[str, Any]] | None = None) -> "GRPOSetup":
         if not overrides.get("model"):
             raise SetupError("model", f"{path.name} is a launch config: it says how the job is sharded, not "
                              "what is trained", fix=f"pass the model too, e.g. GRPOSetup.from_file({str(path)!r}, "
                                                     "model='Qwen/Qwen2.5-7B') or --model with --accelerate-config")
-        return cls.from_dict({**launch_config.read(path), **overrides})
+        return cls.from_dict({**(settings() if settings is not None else launch_config.read(path)), **overrides})
 
     @classmethod
     def from_trl(cls, grpo_config: Any, model: Any = None, peft_config: Any = None, **overrides: Any) -> "GRPOSetup":
